@@ -1,0 +1,297 @@
+"""
+data/tokenizer.py against transformers' tokenizer, the independent reference: our save_pretrained writes a
+directory, transformers' AutoTokenizer loads it offline, and the two must agree token for token on the
+real Mistral v1 vocabulary (shipped in mistral_common's wheel) and on a small vocabulary trained here.
+"""
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+transformers = pytest.importorskip("transformers")
+mistral_common = pytest.importorskip("mistral_common")
+pytest.importorskip("google.protobuf")  # transformers needs it to read a sentencepiece tokenizer.model
+import sentencepiece as spm  # noqa: E402
+
+from data.tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat, train_tokenizer  # noqa: E402
+
+MISTRAL_V1 = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+CONVERSATIONS = {
+    "no_system_multi_turn": [
+        {"role": "user", "content": "Hi! Can you help me plan a trip?"},
+        {"role": "assistant", "content": "Of course. Where would you like to go?"},
+        {"role": "user", "content": "Somewhere warm, in March."},
+        {"role": "assistant", "content": "Consider the Canary Islands: about 22°C in March."},
+    ],
+    "with_system": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ],
+    "non_ascii": [
+        {"role": "user", "content": "Crème brûlée, naïve façade, Ångström; 東京の天気は？ 한국어 😀👍🏽 👨‍👩‍👧"},
+        {"role": "assistant", "content": "¿Qué tal? Ça va. Привет, мир! 你好，世界。🎉 e\u0301 ﬁ"},
+    ],
+    "whitespace_heavy": [
+        {"role": "system", "content": "   leading and trailing   "},
+        {"role": "user", "content": "a  b   c    d\t\ttab\n\n\nnewlines \n  \n"},
+        {"role": "assistant", "content": "  two spaces first, one last "},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": " \t \n "},
+    ],
+    "code_block": [
+        {"role": "user", "content": "Fix this:\n```python\ndef f(x):\n  return x+1\n```"},
+        {"role": "assistant", "content": "```python\ndef f(x):\n    if x is None:\n        return 0\n"
+                                         "\treturn x + 1  # tab\n```\nDone."},
+    ],
+    "ends_with_user": [
+        {"role": "user", "content": "Tell me a joke."},
+    ],
+}
+# Special-token strings inside content: transformers splits them out of the rendered text as their ids,
+# and so do we (they are not checked by the mask test, whose decoding cannot tell them from text).
+SPECIAL_STRINGS = [
+    {"role": "user", "content": "what does </s> mean? and <s>? and <unk>?"},
+    {"role": "assistant", "content": "They are special tokens: <s> starts, </s> ends.</s>"},
+]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["legacy", "not_legacy"])
+def mistral(request, tmp_path_factory):
+    """(ours, transformers' tokenizer loaded from the directory ours wrote) for the real Mistral vocabulary."""
+    ours = Tokenizer(MISTRAL_V1, legacy=request.param)
+    directory = tmp_path_factory.mktemp("mistral")
+    ours.save_pretrained(directory)
+    return ours, transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def random_text(rng):
+    """Spaces in runs, tabs, newlines, punctuation, accents, CJK, emoji, '▁' and special-token strings."""
+    pools = [
+        "abcdefghijklmnopqrstuvwxyz", "ABCXYZ0123456789", " ", "  ", "    ", "\t\n\r", ".,;:!?'\"()[]{}<>/\\|-_=+*&%$#@~`",
+        "éàüßñçøÅœ", "中文字日本語한국어", "😀🎉👍🏽👨‍👩‍👧", "\u2581\u200b\u00a0\u0301",
+    ]
+    words = ["the", " and", "</s>", "<s>", "<unk>", "<0x0A>", "<|user|>", "def ", "\n    return", "▁▁"]
+    out = []
+    for _ in range(rng.randint(0, 30)):
+        out.append(rng.choice(words) if rng.random() < 0.2 else rng.choice(rng.choice(pools)))
+    return "".join(out)
+
+
+# -- encoding ------------------------------------------------------------------
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("name", [*CONVERSATIONS, "special_strings"])
+def test_encode_chat_equals_transformers_on_rendered_string(mistral, name, add_generation_prompt):
+    ours, hf = mistral
+    messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
+    ids, mask = ours.encode_chat(messages, add_generation_prompt)
+    assert ids == hf(render_chat(messages, add_generation_prompt))["input_ids"]
+    assert len(mask) == len(ids)
+
+
+def test_fuzz_encode_and_decode_match_transformers(mistral):
+    ours, hf = mistral
+    rng = random.Random(1234)
+    for _ in range(200):
+        text = random_text(rng)
+        ids = ours.encode(text, bos=True)
+        assert ids == hf(text)["input_ids"], repr(text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), repr(text)
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids), repr(text)
+
+
+def test_runs_of_spaces_follow_transformers_not_sentencepiece(mistral):
+    ours, hf = mistral
+    text = "a  and   b"
+    expected = hf.convert_tokens_to_ids(["▁a", "▁▁", "and", "▁▁", "▁b"])
+    assert ours.encode(text) == expected == hf(text, add_special_tokens=False)["input_ids"]
+    # plain sentencepiece ranks '▁▁' last (score -1e9) and gives '▁' '▁and': the difference we undo
+    plain = spm.SentencePieceProcessor(model_file=MISTRAL_V1).encode(text, out_type=str)
+    assert plain == ["▁a", "▁", "▁and", "▁▁", "▁b"]
+
+
+def test_special_token_strings_become_their_ids(mistral):
+    ours, hf = mistral
+    ids = ours.encode("x</s>y<s>z<unk>")
+    assert [i for i in ids if i in (0, 1, 2)] == [2, 1, 0]
+    assert ids == hf("x</s>y<s>z<unk>", add_special_tokens=False)["input_ids"]
+
+
+def test_bos_and_eos_flags(mistral):
+    ours, _ = mistral
+    assert ours.encode("hi", bos=True, eos=True) == [ours.bos_id, *ours.encode("hi"), ours.eos_id]
+    assert ours.encode("") == [] and ours.encode("", bos=True) == [1]
+    assert (ours.bos_id, ours.eos_id, ours.unk_id, ours.pad_id, ours.vocab_size) == (1, 2, 0, 0, 32000)
+
+
+# -- the chat template and the loss mask -------------------------------------------
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("name", [*CONVERSATIONS, "special_strings"])
+def test_apply_chat_template_renders_like_render_chat(mistral, name, add_generation_prompt):
+    ours, hf = mistral
+    messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
+    rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert rendered == render_chat(messages, add_generation_prompt)
+
+
+def test_render_chat_is_the_zephyr_format():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert render_chat(messages) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n"
+    assert render_chat(messages[:1], add_generation_prompt=True) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert "raise_exception" in CHAT_TEMPLATE  # bad roles fail in transformers too, as in check_messages
+
+
+def test_chat_template_rejects_bad_roles_in_transformers_too(mistral):
+    _, hf = mistral
+    for messages in ([{"role": "bot", "content": "x"}],
+                     [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]):
+        with pytest.raises(Exception, match="role|system"):
+            hf.apply_chat_template(messages, tokenize=False)
+
+
+def test_apply_chat_template_tokenized_lacks_only_bos(mistral):
+    # transformers 5 tokenizes a rendered template with add_special_tokens=False and Zephyr's template
+    # has no <s>; the recipe trained on tokenizer(rendered) with <s>. Pinned here so it stays visible.
+    ours, hf = mistral
+    messages = CONVERSATIONS["no_system_multi_turn"]
+    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert list(ids) == ours.encode_chat(messages, add_generation_prompt=True)[0][1:]
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_loss_mask_is_exactly_assistant_contents_and_their_eos(mistral, name):
+    ours, hf = mistral
+    messages = CONVERSATIONS[name]
+    ids, mask = ours.encode_chat(messages, add_generation_prompt=False)
+    assert set(mask) <= {0, 1} and mask[0] == 0
+    # the masked positions, as maximal runs
+    runs, start = [], None
+    for i, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(ids[start:i])
+            start = None
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert len(runs) == len(contents)
+    newline = hf.convert_tokens_to_ids("<0x0A>")
+    for run, content in zip(runs, contents):
+        assert run[-1] == ours.eos_id and ours.eos_id not in run[:-1]
+        # Decoded after the header's '\n' (so that no leading space is taken for the dummy prefix),
+        # by transformers, the run must be exactly the content: nothing of the header, nothing missing.
+        assert hf.decode([newline, *run[:-1]]) == "\n" + content
+
+
+def test_no_token_straddles_role_header_and_content(mistral):
+    # With Mistral's vocabulary no piece contains '\n', so the '\n' ending each header is its own token.
+    # Independently: transformers' tokens for the text up to each assistant header are a prefix of its
+    # tokens for the whole conversation, i.e. the content starts on a token boundary.
+    ours, hf = mistral
+    assert ours.newline_is_barrier
+    for messages in CONVERSATIONS.values():
+        full = hf(render_chat(messages))["input_ids"]
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                head = hf(render_chat(messages[:k], add_generation_prompt=True))["input_ids"]
+                assert full[:len(head)] == head
+
+
+def test_vocabulary_with_newline_pieces_is_refused_by_encode_chat(tmp_path):
+    # sentencepiece's trainer keeps '\n' inside sentences under the identity normalizer (train_tokenizer
+    # splits lines to avoid it); then a token could straddle a header and its content.
+    path = str(tmp_path / "nl.model")
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(["a\nb c\n\nd", "ab\n\nab ab"] * 50), model_writer=f, model_type="bpe",
+            vocab_size=268, byte_fallback=True, character_coverage=1.0, pad_id=-1,
+            normalization_rule_name="identity", minloglevel=2)
+    tok = Tokenizer(path)
+    assert not tok.newline_is_barrier
+    with pytest.raises(ValueError, match="straddle"):
+        tok.encode_chat(CONVERSATIONS["with_system"])
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], r"messages: expected a non-empty list"),
+    ("hi", r"messages: expected a non-empty list"),
+    ([["user", "hi"]], r"messages\[0\]: expected a dict"),
+    ([{"content": "hi"}], r"messages\[0\]\['role'\]: missing"),
+    ([{"role": "user"}], r"messages\[0\]\['content'\]: missing"),
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "hi"}], r"messages\[1\]\['role'\]: expected one of"),
+    ([{"role": "user", "content": None}], r"messages\[0\]\['content'\]: expected a string"),
+    ([{"role": 3, "content": "x"}], r"messages\[0\]\['role'\]: expected a string"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}], r"messages\[1\]\['role'\]: a system"),
+])
+def test_bad_messages_raise_naming_index_and_field(messages, match):
+    with pytest.raises(ValueError, match=match):
+        render_chat(messages)
+    with pytest.raises(ValueError, match=match):
+        Tokenizer(MISTRAL_V1).encode_chat(messages)
+
+
+# -- decoding -------------------------------------------------------------------
+
+def test_decode_round_trips_text(mistral):
+    ours, _ = mistral
+    for text in ["Hello, world!", "a  b\t\tc\n\nd ", "Crème brûlée 東京 😀👍🏽", "```\n    code\n```"]:
+        assert ours.decode(ours.encode(text)) == text
+    # legacy puts a dummy-prefix '▁' after each special token, which decodes as a space (as in transformers)
+    assert ours.decode(ours.encode("x</s>y"), skip_special_tokens=False) == ("x</s> y" if ours.legacy else "x</s>y")
+    ids = ours.encode_chat(CONVERSATIONS["with_system"])[0]
+    assert ours.decode(np.array(ids)) == ours.decode(ids)  # numpy input
+    with pytest.raises(ValueError, match=r"ids\[1\]: 32000 is outside"):
+        ours.decode([5, 32000])
+
+
+# -- export and training ----------------------------------------------------------
+
+def test_save_pretrained_writes_a_directory_transformers_loads(tmp_path):
+    ours = Tokenizer(MISTRAL_V1, legacy=True)
+    ours.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+    assert (tmp_path / "tokenizer.model").read_bytes() == open(MISTRAL_V1, "rb").read()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, hf.pad_token_id) == (1, 2, 0, 0)
+    assert hf.chat_template == CHAT_TEMPLATE and hf.padding_side == "left"
+    again = Tokenizer.from_pretrained(tmp_path)
+    assert again.legacy is True and again.encode("a </s>\nb") == ours.encode("a </s>\nb")
+
+
+def generated_corpus(seed, n=300):
+    rng = random.Random(seed)
+    words = ("the of and to in is it that for on with as was at by be this are from or have not but what "
+             "all were when we there can your which their said if do will each about how up out them then "
+             "café naïve 東京 😀 def return x y 0 1 2 3 42 2023").split()
+    lines = []
+    for _ in range(n):
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+        line = rng.choice(["", "  ", "    ", "\t"]) + line + rng.choice([".", "?", "!", ":", "  ", ""])
+        lines.append(line.capitalize())
+    return ["\n".join(lines[i:i + 5]) for i in range(0, n, 5)]
+
+
+def test_trained_tokenizer_is_deterministic_and_matches_transformers(tmp_path):
+    corpus = generated_corpus(seed=0)
+    path = train_tokenizer(corpus, str(tmp_path / "a" / "tiny"), vocab_size=400)
+    assert open(path, "rb").read() == open(train_tokenizer(corpus, str(tmp_path / "b"), 400), "rb").read()
+    ours = Tokenizer(path)
+    sp = spm.SentencePieceProcessor(model_file=path)
+    assert ours.vocab_size == 400 and ours.newline_is_barrier
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+    assert all(sp.is_byte(i) for i in range(3, 259))
+
+    ours.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    rng = random.Random(5)
+    for text in generated_corpus(seed=1, n=100) + [random_text(rng) for _ in range(100)]:
+        assert ours.encode(text, bos=True) == hf(text)["input_ids"], repr(text)
+        assert ours.decode(ours.encode(text)) == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
+    for messages in CONVERSATIONS.values():
+        assert ours.encode_chat(messages)[0] == hf(render_chat(messages))["input_ids"]
