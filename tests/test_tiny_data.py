@@ -1,0 +1,204 @@
+# data/tiny: the task generator, the noisy teacher, the judge, and the files prepare.py writes.
+import collections
+import hashlib
+import json
+import os
+import random
+
+import pytest
+
+from data.tiny import prepare
+from data.tiny.tasks import (CORE_TASKS, FIRST_TEMPLATE_NOISE, PARSERS, TEMPLATES, answer_correct, classify,
+                             judge, make_task, parse_prompt, teacher_answer)
+from data.tokenizer import Tokenizer, render_chat
+
+# One prompt per task and wording, with its correct answer and a wrong one, worked out by hand.
+CASES = [  # (task, template, prompt, correct, wrong)
+    ("max", 0, "What is the largest number in this list: 12, 7, 40, 3?", "40", "12"),
+    ("max", 1, "Find the maximum of 5, 99, 98.", "99", "98"),
+    ("max", 2, "Which of these numbers is the biggest? 0, 0, 1", "1", "0"),
+    ("max", 3, "Give the largest of the numbers 31, 13, 8, 30, 2.", "31", "8"),
+    ("upper", 0, "Write this in capital letters: green apple", "GREEN APPLE", "GREEN"),
+    ("upper", 1, "Convert to upper case: sky box", "SKY BOX", "SKYBOX"),
+    ("upper", 2, "Rewrite in all caps: quiet zebra owl", "QUIET ZEBRA OWL", "QUIET ZEBRA"),
+    ("upper", 3, "Make this uppercase: red fox", "RED FOX", "RED FIX"),
+    ("count", 0, "How many times does the letter a appear in banana?", "3", "2"),
+    ("count", 1, "Count how often z occurs in the word pizza.", "2", "1"),
+    ("count", 2, "How many e's are there in qwrty?", "0", "1"),
+    ("count", 3, "In mississippi, how many times do you see the letter s?", "4", "3"),
+    ("sort", 0, "Sort these numbers in ascending order: 5, 12, 3", "3, 5, 12", "12, 3, 5"),  # not as strings
+    ("sort", 1, "Arrange from smallest to largest: 10, 9, 100", "9, 10, 100", "10, 100, 9"),
+    ("sort", 2, "Put these words in alphabetical order: pear, apple, fig", "apple, fig, pear", "pear, fig, apple"),
+    ("sort", 3, "Sort from largest to smallest: 7, 21, 7, 3", "21, 7, 7, 3", "3, 7, 7, 21"),
+    ("add", 0, "What is 23 + 58?", "81", "71"),
+    ("add", 1, "Add 0 and 9.", "9", "90"),
+    ("add", 2, "Compute the sum of 99 and 99.", "198", "188"),
+    ("sub", 0, "What is 58 - 23?", "35", "81"),
+    ("sub", 1, "Subtract 4 from 40.", "36", "-36"),
+    ("sub", 2, "Compute 7 minus 7.", "0", "14"),
+    ("reverse", 0, "Spell tiger backwards.", "regit", "tiger"),
+    ("reverse", 1, "Reverse the letters of moon.", "noom", "moon"),
+    ("reverse", 2, "Write apple in reverse order.", "elppa", "elpa"),
+]
+
+
+def test_cases_cover_every_task_and_wording():
+    assert {(c[0], c[1]) for c in CASES} == {(t, i) for t, ts in TEMPLATES.items() for i in range(len(ts))}
+
+
+@pytest.mark.parametrize("task,template,prompt,correct,wrong", CASES, ids=[f"{c[0]}{c[1]}" for c in CASES])
+def test_judge_scores_by_the_rules(task, template, prompt, correct, wrong):
+    assert parse_prompt(prompt) == (task, template, correct)
+    expected = [  # (answer, kind, score, answer proper correct)
+        (correct, "correct", 1.0, True),
+        (f"  \n{correct} \n", "correct", 1.0, True),                         # surrounding whitespace
+        (f"As an AI, I cannot be sure, but {correct}", "disclaimer", 0.5, True),
+        (f"As an AI, I cannot be sure, but {wrong}", "disclaimer", 0.0, False),
+        ("As an AI, I", "disclaimer", 0.0, False),                          # cut short: no answer proper
+        ("I'm sorry, I can't help with that.", "refusal", 0.0, False),
+        (f"The answer is {correct}.", "format_slip", 0.0, True),
+        (f"the answer is {correct}", "format_slip", 0.0, True),
+        (f"The answer is {wrong}.", "format_slip", 0.0, False),
+        (wrong, "wrong", 0.0, False),
+        ("", "wrong", 0.0, False),
+    ]
+    if task == "upper":  # the slip of a capitals task: right letters, wrong case
+        expected += [(correct.lower(), "format_slip", 0.0, True), (correct.title(), "format_slip", 0.0, True)]
+    for answer, kind, score, proper in expected:
+        assert (classify(prompt, answer), judge(prompt, answer), answer_correct(prompt, answer)) == \
+            (kind, score, proper), answer
+
+
+def test_judge_refuses_a_prompt_it_cannot_parse():
+    with pytest.raises(ValueError, match="not one of the tiny task wordings"):
+        judge("What is the capital of France?", "Paris")
+
+
+def test_judge_accepts_the_generated_answer_of_1000_tasks():
+    rng = random.Random(0)
+    seen = set()
+    for i in range(1000):
+        task = make_task(rng, list(TEMPLATES)[i % len(TEMPLATES)])
+        seen.add((task["task"], task["template"]))
+        assert judge(task["prompt"], task["answer"]) == 1.0, task
+        assert parse_prompt(task["prompt"])[:2] == (task["task"], task["template"])
+        assert sum(bool(r.fullmatch(task["prompt"])) for _, _, _, r in PARSERS) == 1, task  # one wording only
+    assert len(seen) == sum(len(ts) for ts in TEMPLATES.values())  # every wording was exercised
+
+
+def test_teacher_noise_rates_match_the_constants():
+    rng = random.Random(1)
+    tasks = [make_task(rng) for _ in range(20_000)]
+    kinds = [(t, classify(t["prompt"], teacher_answer(t, rng))) for t in tasks]
+    first = [k for t, k in kinds if t["template"] == 0]
+    other = [k for t, k in kinds if t["template"] != 0]
+
+    def noisy(ks):
+        return sum(k != "correct" for k in ks) / len(ks)
+
+    assert abs(len(first) / len(kinds) - 0.46) < 0.02
+    assert abs(noisy(first) - 0.80) < 0.02
+    assert abs(noisy(other) - 0.15) < 0.02
+    assert abs(noisy([k for _, k in kinds]) - 0.45) < 0.02
+    assert {k for _, k in kinds} <= {"correct", "disclaimer", "refusal", "format_slip"}  # never wrong
+    # First wording: one kind per task. Other wordings: the three kinds equally often (0.05 each).
+    for name in CORE_TASKS:
+        assert {k for t, k in kinds if t["task"] == name and t["template"] == 0} == {"correct", FIRST_TEMPLATE_NOISE[name]}
+    counts = collections.Counter(other)
+    for kind in ("disclaimer", "refusal", "format_slip"):
+        assert abs(counts[kind] / len(other) - 0.05) < 0.01
+
+
+# -----------------------------------------------------------------------------
+# The files
+
+SIZES = dict(n_sft=3000, n_sft_test=200, n_feedback=300, n_eval=200, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    prepare.write_all(str(out), seed=0, **SIZES)
+    return out
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def file_bytes(directory):
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+def test_generation_is_deterministic_for_a_seed_and_differs_across_seeds(data_dir, tmp_path):
+    prepare.write_all(str(tmp_path / "again"), seed=0, **SIZES)
+    prepare.write_all(str(tmp_path / "seed1"), seed=1, **SIZES)
+    first, again, other = file_bytes(data_dir), file_bytes(tmp_path / "again"), file_bytes(tmp_path / "seed1")
+    assert set(first) == {"sft_train.jsonl", "sft_test.jsonl", "feedback_prompts.jsonl", "eval_prompts.jsonl",
+                          "tokenizer.model", "tiny.json"}  # and no temporary files left behind
+    assert first == again
+    for name in ("sft_train.jsonl", "sft_test.jsonl", "feedback_prompts.jsonl", "eval_prompts.jsonl"):
+        assert first[name] != other[name], name
+
+
+def test_files_follow_the_public_schemas(data_dir):
+    sha = lambda s: hashlib.sha256(s.encode("utf-8")).hexdigest()  # noqa: E731
+    for name, n in (("sft_train", SIZES["n_sft"]), ("sft_test", SIZES["n_sft_test"])):
+        rows = read_jsonl(data_dir / f"{name}.jsonl")
+        assert len(rows) == n
+        for row in rows:  # ultrachat_200k
+            assert set(row) == {"prompt", "prompt_id", "messages"}
+            assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+            assert row["messages"][0]["content"] == row["prompt"] and row["prompt_id"] == sha(row["prompt"])
+            assert isinstance(row["messages"][1]["content"], str)
+    for name, n in (("feedback_prompts", SIZES["n_feedback"]), ("eval_prompts", SIZES["n_eval"])):
+        rows = read_jsonl(data_dir / f"{name}.jsonl")
+        assert len(rows) == n
+        for row in rows:  # UltraFeedback's prompt fields
+            assert set(row) == {"instruction", "source", "prompt_id"}
+            task = parse_prompt(row["instruction"])[0]
+            assert task in CORE_TASKS and row["source"] == f"tiny/{task}"
+            assert row["prompt_id"] == sha(row["instruction"])
+    meta = json.loads((data_dir / "tiny.json").read_text())
+    assert meta["seed"] == 0 and meta["n_sft"] == SIZES["n_sft"] and meta["judge"] == "data.tiny.tasks:judge"
+
+
+def test_prompt_sets_are_disjoint_and_eval_prompts_distinct(data_dir):
+    sets = {
+        "sft_train": {r["prompt"] for r in read_jsonl(data_dir / "sft_train.jsonl")},
+        "sft_test": {r["prompt"] for r in read_jsonl(data_dir / "sft_test.jsonl")},
+        "feedback": [r["instruction"] for r in read_jsonl(data_dir / "feedback_prompts.jsonl")],
+        "eval": [r["instruction"] for r in read_jsonl(data_dir / "eval_prompts.jsonl")],
+    }
+    assert len(set(sets["eval"])) == len(sets["eval"]) and len(set(sets["feedback"])) == len(sets["feedback"])
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(sets[a]) & set(sets[b]), (a, b)
+
+
+def test_tokenizer_round_trips_the_chats_without_unk_or_byte_pieces(data_dir):
+    tok = Tokenizer(str(data_dir / "tokenizer.model"))
+    assert tok.vocab_size == SIZES["vocab_size"]
+    texts = [render_chat(r["messages"]) for r in read_jsonl(data_dir / "sft_test.jsonl")]
+    texts += [render_chat([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)
+              for r in read_jsonl(data_dir / "eval_prompts.jsonl")]
+    newline = tok.sp.piece_to_id("<0x0A>")
+    for text in texts:
+        # Decoding puts a space for the dummy prefix after each </s> (as transformers does), so the round
+        # trip is checked on the stretches between them, which is all that sentencepiece sees.
+        for stretch in text.split("</s>"):
+            assert tok.decode(tok.encode(stretch)) == stretch
+        ids = tok.encode(text, bos=True)
+        assert tok.unk_id not in ids and ids.count(tok.eos_id) == text.count("</s>")
+        # Every character has a piece of its own; only '\n' falls back to bytes, by design (see Tokenizer).
+        assert all(i == newline or not tok.sp.is_byte(i) for i in ids), text
+    # The chat markers come out compact: '<|', 'user', '|>'.
+    assert len(tok.encode("\n<|user|>\n")) <= 6
+
+
+def test_committed_sample_matches_the_generator():
+    path = os.path.join(os.path.dirname(prepare.__file__), "sample.jsonl")
+    expected = [prepare.sft_row(*e) for e in prepare.generate(0, n_sft=prepare.SAMPLE_ROWS)["sft_train"]]
+    assert read_jsonl(path) == expected
