@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -338,6 +339,7 @@ class Mistral(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
+        self.activation_checkpointing = False  # set by the training scripts
         self.model = MistralModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -399,7 +401,11 @@ class Mistral(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._mask(x, T, attention_mask, segment_ids, cache)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute its insides in backward (names stay HF's).
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None, segment_ids=None,
@@ -416,7 +422,7 @@ class Mistral(nn.Module):
         eg = expected_grad.reshape(-1) if expected_grad is not None else None
         kw = {"expected_grad": eg} if eg is not None else {}
         lp = token_logprobs(h.reshape(B * T, D), self.lm_head.weight, targets.reshape(-1), ignore_index, **kw)
-        return lp.view(B, T)
+        return lp.view(B, T).clone()  # not a view: FSDP2 hooks the output for backward
 
     # -------------------------------------------------------------------------
     # Generation

@@ -1,0 +1,491 @@
+"""What the stage scripts share: config parsing, torchrun setup, FSDP2 sharding and sharded loading,
+DCP checkpoints with resume, Hugging Face export, LR schedules, JSONL + tqdm logging.
+
+Each piece is a plain function; the stage scripts call them in order, like a recipe.
+"""
+
+import base64
+import dataclasses
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from model import CheckpointReader, Mistral, MistralConfig, config_from_preset, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# Config: dataclass defaults <- optional JSON preset <- --key=value flags
+
+
+def _convert(value, typ, key):
+    # Strings from the command line (or JSON values) into the field's declared type.
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _convert(value, args[0], key)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes"):
+                return True
+            if str(value).lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if typ is int and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config: {key}={value!r} is not a valid {getattr(typ, '__name__', typ)}") from None
+
+
+def parse_config(cls, argv):
+    """`[preset.json] [--key=value ...]` -> cls instance. Unknown keys and bad values are errors that name them."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+
+    def put(key, value, where):
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown config key {key!r}{hint}")
+        values[key] = _convert(value, hints[key], key)
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"command line: expected --key=value, got {arg!r}")
+            put(key, value, "command line")
+        else:
+            try:
+                with open(arg) as f:
+                    preset = json.load(f)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"preset file {arg} not found") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{arg}: not valid JSON ({e})") from None
+            for key, value in preset.items():
+                if not key.startswith("_"):  # "_comment" keys document presets
+                    put(key, value, arg)
+    return cls(**values)
+
+
+def write_json(path, obj):
+    # Atomic: a reader sees the old file or the new one, never half of one.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# torchrun
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_dist(device="auto"):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). Plain `python stage.py`: a
+    one-rank group on an in-memory store, so the rest of the code never special-cases it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        # Two ranks on two cores: one thread each, or they fight over the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(rank, world, local_rank, dev)
+
+
+def all_reduce_sum(x, d):
+    t = torch.tensor(x, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# Model: built on the meta device, sharded with FSDP2, weights loaded slice by slice
+
+
+def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True, activation_checkpointing=False,
+                compile=False, reshard_after_forward=True):
+    """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
+    Returns the FSDP2-sharded model and its MistralConfig. Parameters are fp32 masters; on CUDA with
+    mixed_precision, compute runs in bf16 with fp32 gradient reductions."""
+    if init_from == "scratch":
+        cfg = config_from_preset(model_preset)
+        # Small models only: every rank builds the full model with the same seed, then keeps its shard.
+        # That makes a 1-rank and a 2-rank run start from identical weights.
+        model = Mistral(cfg)
+        model.init_weights(seed)
+        model.to(torch.float32)
+    else:
+        cfg = MistralConfig.from_json(os.path.join(init_from, "config.json"))
+        reader = CheckpointReader(init_from)
+        with torch.device("meta"):
+            model = Mistral(cfg)
+        reader.check_against(model)  # names and shapes, before any sharding or reading
+    model.activation_checkpointing = activation_checkpointing
+    mp = None
+    if mixed_precision and d.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for layer in model.model.layers:
+        if compile:
+            layer.compile()  # in place: parameter names stay HF's
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    if init_from == "scratch":
+        model.to(d.device)
+    else:
+        model.to_empty(device=d.device)
+        load_sharded(model, reader)
+    return model, cfg
+
+
+def local_rows(p):
+    # (start, stop) of dim 0 that this rank holds of a Shard(0) DTensor.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+@torch.no_grad()
+def load_sharded(model, reader):
+    # Each rank reads only its rows of each tensor from the (memory-mapped) safetensors files:
+    # no rank ever holds the full weights.
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.numel() == 0:
+            continue
+        start, stop = local_rows(p) if isinstance(p, DTensor) else (0, p.shape[0])
+        local.copy_(reader.get(name, dtype=local.dtype, device=local.device, rows=(start, stop)))
+
+
+def export_hf(model, cfg, path, d, tokenizer=None, dtype=torch.bfloat16):
+    """Gather the sharded model tensor by tensor; rank 0 streams them into an HF directory. Peak memory on
+    rank 0 is one shard file (5 GB at most), never the whole model."""
+    names = [n for n in model.state_dict() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    sd = model.state_dict()
+
+    def gathered():
+        for name in names:
+            t = sd[name]
+            t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank calls it
+            yield name, t.to(dtype)
+
+    out_cfg = dataclasses.replace(cfg, dtype=str(dtype).replace("torch.", ""))
+    if d.main:
+        save_checkpoint(path, out_cfg, gathered(), tokenizer=tokenizer)
+    else:
+        for _ in gathered():
+            pass
+    dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Optimizer and learning rate
+
+
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), device_type="cpu"):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=device_type == "cuda")
+
+
+def lr_at(step, total_steps, peak, warmup_ratio, schedule="cosine"):
+    # Linear warmup to `peak` over warmup_ratio * total steps, then cosine or linear decay to 0 (HF's schedules).
+    warmup = math.ceil(total_steps * warmup_ratio)
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    if schedule == "constant":
+        return peak
+    raise ValueError(f"config: lr_schedule={schedule!r}; choose cosine, linear or constant")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: DCP for model + optimizer (sharded, any world size on reload), JSON for the rest.
+# Atomic: written into step_N.tmp, then rank 0 writes meta.json (sizes of every file) and renames the
+# directory. A directory without meta.json, or whose files disagree with it, is never taken as latest.
+
+
+def _rng_state():
+    s = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        s["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return s
+
+
+def _set_rng_state(s):
+    import numpy as np
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s["torch"]), dtype=np.uint8).copy()))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(s["cuda"]), dtype=np.uint8).copy()))
+
+
+def save_train_checkpoint(ckpt_dir, step, model, optimizer, d, state, config, keep_last=2):
+    final = os.path.join(ckpt_dir, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    write_json(os.path.join(tmp, f"train_state_rank{d.rank}.json"), {**state, "rng": _rng_state()})
+    dist.barrier()
+    if d.main:
+        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": d.world, "files": files,
+                                                    "config": dataclasses.asdict(config), "time": time.time()})
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_dir)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_is_complete(path):
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return all(os.path.getsize(os.path.join(path, fn)) == size for fn, size in meta["files"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def list_checkpoints(ckpt_dir):
+    # Complete checkpoints, oldest first.
+    if not os.path.isdir(ckpt_dir):
+        return []
+    dirs = sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)
+                  if n.startswith("step_") and not n.endswith(".tmp"))
+    return [p for p in dirs if checkpoint_is_complete(p)]
+
+
+def load_train_checkpoint(path, model, optimizer, d):
+    """Restore model, optimizer and this rank's train state (data position, RNG). Works for another world
+    size too (DCP reshards), except the RNG state, which then comes from rank 0's file."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    fn = os.path.join(path, f"train_state_rank{d.rank}.json")
+    if not os.path.exists(fn):
+        fn = os.path.join(path, "train_state_rank0.json")
+    with open(fn) as f:
+        train_state = json.load(f)
+    _set_rng_state(train_state.pop("rng"))
+    return train_state
+
+
+# -----------------------------------------------------------------------------
+# Logging: a tqdm bar on rank 0 and one JSON line per step in out_dir/metrics.jsonl
+
+
+def keep_until(path, step):
+    # A resumed run redoes the steps after its checkpoint: drop their lines (a fresh run, step 0, drops all).
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Logger:
+    def __init__(self, out_dir, d, total_steps, initial_step=0, desc="train"):
+        self.main = d.main
+        self.bar, self.file = None, None
+        if self.main:
+            from tqdm import tqdm
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "metrics.jsonl")
+            keep_until(path, initial_step)
+            self.file = open(path, "a")
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
+                            disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1")
+
+    def log(self, step, advance=True, **metrics):
+        if not self.main:
+            return
+        rec = {"step": step, "time": round(time.time(), 3)}
+        rec.update(metrics)
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if advance:
+            self.bar.update(1)
+        short = {k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, float)}
+        self.bar.set_postfix(short, refresh=False)
+
+    def print(self, *args):
+        if self.main:
+            (self.bar.write if self.bar is not None else print)(" ".join(str(a) for a in args))
+
+    def close(self):
+        if self.main:
+            self.bar.close()
+            self.file.close()
+
+
+def peak_flops(device):
+    # Dense bf16 peak per GPU (REFERENCE.md), for MFU. None where we do not know it.
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(cfg, seq_len):
+    # 6 N for the matmuls (forward + backward) plus causal attention scores: 6 * layers * hidden * T.
+    n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is no matmul
+    ctx = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
+    return 6 * n + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * ctx
+
+
+# -----------------------------------------------------------------------------
+# Pieces of the training loop that every stage runs the same way
+
+
+def start_or_resume(cfg, model, optimizer, d):
+    """Returns (first step, last good checkpoint or None). With cfg.resume, continue from the newest
+    complete checkpoint in out_dir/ckpt; a torn one (no meta.json, or sizes that disagree) is skipped."""
+    ckpts = list_checkpoints(os.path.join(cfg.out_dir, "ckpt"))
+    if cfg.resume and ckpts:
+        state = load_train_checkpoint(ckpts[-1], model, optimizer, d)
+        if d.main:
+            print(f"resumed from {ckpts[-1]} at step {state['step']}")
+        return state["step"], ckpts[-1]
+    if cfg.resume and d.main:
+        print(f"--resume: no complete checkpoint in {cfg.out_dir}/ckpt, starting from step 0")
+    return 0, None
+
+
+def announce(cfg, d, lines):
+    # Print the effective config and save it beside the run's outputs.
+    if d.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+        for line in lines:
+            print(line)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+
+
+def optimizer_step(model, optimizer, grad_clip, step, loss, last_ckpt):
+    """Clip, check, step. A non-finite loss or gradient stops the run before it can poison the weights."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step + 1}: loss={loss} grad_norm={grad_norm} is not finite; stopped "
+                                 f"before the update. Last good checkpoint: {last_ckpt or 'none'} "
+                                 f"(resume from it with --resume=true, perhaps with a lower lr)")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def finish(model, mcfg, cfg, d, tokenizer):
+    """Export the final model as a Hugging Face directory (out_dir/hf) with the run's config beside it."""
+    hf_dir = os.path.join(cfg.out_dir, "hf")
+    export_hf(model, mcfg, hf_dir, d, tokenizer, getattr(torch, cfg.export_dtype))
+    if d.main:
+        write_json(os.path.join(hf_dir, "train_config.json"), dataclasses.asdict(cfg))
+        print(f"exported {hf_dir}")
+    dist.destroy_process_group()
+
+
+def load_tokenizer(path, mcfg):
+    from data.tokenizer import Tokenizer
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path} not found (set --tokenizer=PATH/tokenizer.model)")
+    tok = Tokenizer(path)
+    if tok.vocab_size != mcfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tok.vocab_size} pieces, the model's vocab_size is {mcfg.vocab_size}")
+    return tok
+
+
+def end_of_step(cfg, step, total_steps, model, optimizer, d, log, last_ckpt):
+    """Checkpoint when due; honour --stop_after. Returns (last good checkpoint, whether to stop now)."""
+    if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or step == total_steps:
+        last_ckpt = save_train_checkpoint(os.path.join(cfg.out_dir, "ckpt"), step, model, optimizer, d,
+                                          {"step": step}, cfg, cfg.keep_checkpoints)
+    if step == cfg.stop_after and step < total_steps:
+        log.print(f"stopping after step {step} as asked; continue with --resume=true")
+        log.close()
+        dist.destroy_process_group()
+        return last_ckpt, True
+    return last_ckpt, False
+
+
+def broadcast_object(obj, d):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

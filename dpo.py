@@ -1,0 +1,297 @@
+"""Distilled DPO (dDPO): align the dSFT model on AI-feedback preference pairs against a frozen reference.
+
+    torchrun --nproc_per_node=8 dpo.py --init_from=out/zephyr-7b/sft/hf --data_dir=data/ultrafeedback/out
+    python dpo.py config/dpo_tiny.json
+
+Data: the output of data/ultrafeedback/prepare.py: pairs stored as consecutive examples (2i = prompt +
+chosen, 2i+1 = prompt + rejected) with loss masks on the answer tokens only.
+The reference model is the starting point itself, frozen. By default its log-probs are computed once, before
+training, and cached next to the data, so training holds a single model; --reference=live keeps a second,
+sharded copy instead (same numbers, more memory).
+"""
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import common
+from data.shards import Shards
+
+
+@dataclass
+class Config:
+    # Defaults: the paper's dDPO recipe (REFERENCE.md): 3 epochs, beta 0.1, lr 5e-7 linear, batch 32.
+    init_from: str = "out/zephyr-7b/sft/hf"      # the dSFT model, an HF-format directory
+    tokenizer: str = ""                          # default: init_from's tokenizer.model
+    data_dir: str = "data/ultrafeedback/out"     # prepare.py output: train.* and test.*
+    out_dir: str = "out/dpo"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"                   # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0                 # > 0 with sigmoid: conservative DPO
+    rpo_alpha: float = 0.0                       # weight of an NLL term on the chosen answers (RPO)
+    reference: str = "precomputed"               # precomputed | live
+    global_batch_size: int = 32                  # pairs per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int = 2                    # pairs per forward pass per rank (2x sequences)
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: float = 5e-7
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 42
+    mixed_precision: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 100
+    eval_pairs: int = 1000
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int = -1
+    export_dtype: str = "bfloat16"
+    device: str = "auto"
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0):
+    """Per-pair losses and implicit rewards. Inputs (B,) summed log-probs of the answers (for ipo, pass
+    length-averaged ones, as IPO prescribes). Returns (losses, chosen_rewards, rejected_rewards), each (B,)."""
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    margin = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        # label_smoothing = the assumed probability that a label is flipped (cDPO).
+        losses = -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    else:
+        raise ValueError(f"loss_type={loss_type!r}; choose sigmoid, ipo or hinge")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def pair_batch(shards, pairs, pad_id=0):
+    """Pairs -> one concatenated batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1], right-padded."""
+    examples = [shards[2 * i] for i in pairs] + [shards[2 * i + 1] for i in pairs]
+    T = max(len(ids) for ids, _ in examples)
+    ids = np.full((len(examples), T), pad_id, dtype=np.int64)
+    targets = np.full((len(examples), T), -100, dtype=np.int64)
+    attn = np.zeros((len(examples), T), dtype=bool)
+    for b, (x, m) in enumerate(examples):
+        x, n = x.astype(np.int64), len(x)  # int64 before -100 appears: uint16 would wrap it
+        ids[b, :n] = x
+        targets[b, :n - 1] = np.where(m[1:] == 1, x[1:], -100)  # position t predicts answer token t+1
+        attn[b, :n] = True
+    return {"input_ids": torch.from_numpy(ids), "targets": torch.from_numpy(targets),
+            "attention_mask": torch.from_numpy(attn)}
+
+
+def sequence_logps(model, batch, average=False):
+    # Summed (or mean, for IPO) log-probs of each row's answer tokens: (2B,). Through the fused kernel:
+    # no (2B, T, V) logits tensor is ever made.
+    lp = model(**batch)
+    n = (batch["targets"] != -100).sum(-1)
+    s = lp.sum(-1)
+    return (s / n.clamp(min=1), n) if average else (s, n)
+
+
+@torch.no_grad()
+def reference_logps(model, shards, n_pairs, cfg, d, average):
+    """Reference log-probs of every answer, (n_pairs, 2) [chosen, rejected], computed by all ranks together."""
+    model.eval()
+    out = torch.zeros(n_pairs, 2, dtype=torch.float64, device=d.device)
+    chunk = cfg.micro_batch_size
+    for start in range(d.rank * chunk, n_pairs, d.world * chunk):
+        pairs = list(range(start, min(start + chunk, n_pairs)))
+        batch = {k: v.to(d.device) for k, v in pair_batch(shards, pairs).items()}
+        s, _ = sequence_logps(model, batch, average)
+        out[pairs] = s.view(2, -1).T.double()
+    # Ranks that ran out of pairs still join the collective; each pair was filled by exactly one rank.
+    dist.all_reduce(out)
+    model.train()
+    return out.cpu().numpy()
+
+
+def file_sha256(paths):
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cached_reference(model, shards, split, cfg, d, average):
+    """Reference log-probs, computed once and cached beside the data, keyed by a hash of the model's files,
+    the data split and everything that changes the numbers (dtype, loss averaging)."""
+    key = None
+    if d.main:
+        model_files = [os.path.join(cfg.init_from, f) for f in os.listdir(cfg.init_from)
+                       if f.endswith(".safetensors") or f == "config.json"]
+        data_files = [os.path.join(cfg.data_dir, f"{split}.{s}") for s in ("ids.bin", "mask.bin", "idx.npy")]
+        tag = f"{average}-{cfg.mixed_precision and d.device.type == 'cuda'}".encode()
+        key = hashlib.sha256(file_sha256(model_files).encode() + file_sha256(data_files).encode() + tag).hexdigest()
+    key = common.broadcast_object(key, d)
+    path = os.path.join(cfg.data_dir, f"{split}.ref_logps.{key[:16]}.npy")
+    if os.path.exists(path):
+        ref = np.load(path, allow_pickle=False)
+        if ref.shape == (len(shards) // 2, 2):
+            return ref
+    ref = reference_logps(model, shards, len(shards) // 2, cfg, d, average)
+    if d.main:
+        tmp = path + f".tmp{os.getpid()}.npy"
+        np.save(tmp, ref)
+        os.replace(tmp, path)
+        print(f"reference log-probs cached in {path}")
+    dist.barrier()
+    return ref
+
+
+# -----------------------------------------------------------------------------
+
+
+def pair_metrics(losses, rc, rr, pc, pr):
+    # Sums over pairs of what TRL reports as means; divided by the global pair count by the caller.
+    return {"loss": losses.sum().item(), "rewards/chosen": rc.sum().item(), "rewards/rejected": rr.sum().item(),
+            "rewards/accuracies": (rc > rr).float().sum().item(), "rewards/margins": (rc - rr).sum().item(),
+            "logps/chosen": pc.detach().sum().item(), "logps/rejected": pr.detach().sum().item()}
+
+
+def reduce_metrics(sums, n, d):
+    keys = sorted(sums)
+    totals = common.all_reduce_sum([sums[k] for k in keys], d)
+    return {k: v / max(n, 1) for k, v in zip(keys, totals)}
+
+
+def run_pairs(model, ref_model, shards, ref_cache, pairs, cfg, d):
+    """Policy (and, if live, reference) log-probs of a micro-batch of pairs -> per-pair losses and stats."""
+    average = cfg.loss_type == "ipo"
+    batch = {k: v.to(d.device) for k, v in pair_batch(shards, pairs).items()}
+    (s, n) = sequence_logps(model, batch, average)
+    pc, pr = s.view(2, -1)
+    if ref_model is not None:
+        with torch.no_grad():
+            rs, _ = sequence_logps(ref_model, batch, average)
+        rc, rr = rs.view(2, -1).float()
+    else:
+        ref = torch.from_numpy(ref_cache[pairs]).to(d.device, torch.float32)
+        rc, rr = ref[:, 0], ref[:, 1]
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    if cfg.rpo_alpha > 0:
+        # RPO: + alpha * the chosen answer's mean token NLL.
+        summed = pc * n[:len(pairs)] if average else pc
+        losses = losses - cfg.rpo_alpha * summed / n[:len(pairs)].clamp(min=1)
+    return losses, chosen_rewards, rejected_rewards, pc, pr
+
+
+@torch.no_grad()
+def evaluate(model, ref_model, shards, ref_cache, cfg, d):
+    model.eval()
+    n = min(len(shards) // 2, cfg.eval_pairs)
+    sums = {}
+    for start in range(d.rank * cfg.micro_batch_size, n, d.world * cfg.micro_batch_size):
+        pairs = list(range(start, min(start + cfg.micro_batch_size, n)))
+        for k, v in pair_metrics(*run_pairs(model, ref_model, shards, ref_cache, pairs, cfg, d)).items():
+            sums[k] = sums.get(k, 0.0) + v
+    model.train()
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected"]
+    return {f"eval_{k}": v for k, v in reduce_metrics({k: sums.get(k, 0.0) for k in keys}, n, d).items()}
+
+
+def main(argv):
+    cfg = common.parse_config(Config, argv)
+    if cfg.reference not in ("precomputed", "live"):
+        raise ValueError(f"config: reference={cfg.reference!r}; choose precomputed or live")
+    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # checks
+    d = common.setup_dist(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
+    n_pairs = len(train) // 2
+
+    pairs_per_micro = cfg.micro_batch_size * d.world
+    if cfg.global_batch_size % pairs_per_micro:
+        raise ValueError(f"config: global_batch_size={cfg.global_batch_size} is not a multiple of "
+                         f"micro_batch_size * world_size = {pairs_per_micro}")
+    accum = cfg.global_batch_size // pairs_per_micro
+    steps_per_epoch = n_pairs // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_dir}: {n_pairs} pairs do not fill one global batch of {cfg.global_batch_size}")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+
+    model, mcfg = common.build_model(cfg.init_from, d, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
+                                     activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+    if train.meta["vocab_size"] != mcfg.vocab_size:
+        raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
+                         f"but the model has vocab_size={mcfg.vocab_size}")
+    tokenizer = common.load_tokenizer(cfg.tokenizer or os.path.join(cfg.init_from, "tokenizer.model"), mcfg)
+    average = cfg.loss_type == "ipo"
+    ref_model, ref_train, ref_test = None, None, None
+    if cfg.reference == "live":
+        ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision)
+        ref_model.requires_grad_(False)
+        ref_model.eval()
+    else:
+        # Before the optimizer exists and before any resume: the reference is the initial weights.
+        ref_train = cached_reference(model, train, "train", cfg, d, average)
+        ref_test = cached_reference(model, test, "test", cfg, d, average)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device_type=d.device.type)
+    step, last_ckpt = common.start_or_resume(cfg, model, optimizer, d)
+    common.announce(cfg, d, [
+        f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}, "
+        f"reference: {cfg.reference}",
+        f"data: {n_pairs} train pairs, {len(test) // 2} test pairs; {steps_per_epoch} steps/epoch, {total_steps} "
+        f"steps of {accum} micro-steps x {cfg.micro_batch_size} pairs per rank"])
+
+    log = common.Logger(cfg.out_dir, d, total_steps, step, desc="dpo")
+    order = {}
+    model.train()
+    while step < total_steps:
+        t0 = time.time()
+        lr = common.lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.lr_schedule)
+        common.set_lr(optimizer, lr)
+        epoch = step // steps_per_epoch
+        if epoch not in order:  # every rank draws the same permutation: no data is exchanged
+            order = {epoch: np.random.default_rng([cfg.seed, epoch]).permutation(n_pairs)}
+        start = (step % steps_per_epoch) * cfg.global_batch_size
+        step_pairs = order[epoch][start:start + cfg.global_batch_size]
+        sums = {}
+        for m in range(accum):
+            mine = step_pairs[m * pairs_per_micro + d.rank * cfg.micro_batch_size:][:cfg.micro_batch_size].tolist()
+            model.set_requires_gradient_sync(m == accum - 1)
+            out = run_pairs(model, ref_model, train, ref_train, mine, cfg, d)
+            # Mean over the global batch's pairs; FSDP averages gradients over ranks, so scale by world.
+            (out[0].sum() * (d.world / cfg.global_batch_size)).backward()
+            for k, v in pair_metrics(*out).items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = reduce_metrics(sums, cfg.global_batch_size, d)
+        metrics["grad_norm"] = common.optimizer_step(model, optimizer, cfg.grad_clip, step, metrics["loss"], last_ckpt)
+        step += 1
+        metrics.update(lr=lr, epoch=step / steps_per_epoch, pairs_per_s=cfg.global_batch_size / (time.time() - t0))
+        if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
+            metrics.update(evaluate(model, ref_model, test, ref_test, cfg, d))
+        log.log(step, **metrics)
+        last_ckpt, stop = common.end_of_step(cfg, step, total_steps, model, optimizer, d, log, last_ckpt)
+        if stop:
+            return
+    log.close()
+    common.finish(model, mcfg, cfg, d, tokenizer)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

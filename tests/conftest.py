@@ -1,0 +1,41 @@
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, timeout=300, env=None, check=True):
+    """Run a command from the repo root; on failure show its output (the assertion message is the log)."""
+    e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def torchrun(script, args, nproc=1, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", script, *map(str, args)]
+    return run(cmd, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A 512-piece sentencepiece model (the tiny preset's vocab size), trained on generated text."""
+    from data.tokenizer import train_tokenizer
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.?!")
+    texts = ["<|user|> " + " ".join("".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(12))
+             for _ in range(3000)]
+    return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=512)
