@@ -370,7 +370,8 @@ class Mistral(nn.Module):
             else:
                 dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
             return Mask("dense", dense=dense)
-        flash = _flash_attention() if x.is_cuda else None
+        # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128); other shapes use SDPA.
+        flash = _flash_attention() if x.is_cuda and cfg.head_dim in (16, 32, 64, 128) else None
         if flash is not None:
             seg = segment_ids
             if attention_mask is not None:  # padding becomes its own segment (-1): real tokens never see it

@@ -1,0 +1,573 @@
+# FlashAttention-2 style attention in Triton: causal, sliding window, packed segments, GQA.
+#
+#   flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None)
+#     q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0  ->  (B, H, T, D) in q's dtype
+#
+# Masking convention (Hugging Face Mistral's, pinned down by attention_mask below and its test):
+# query i sees key j iff
+#   j <= i                                  (causal)
+#   i - j < W          when sliding_window=W (a token sees itself and at most W-1 earlier tokens)
+#   seg[b, i] == seg[b, j]  when segment_ids is given (packed rows: no attention across examples)
+# With causal=False only the segment rule applies; a window without causality is refused.
+#
+# Layout of this file: mask helper and torch reference, the Triton kernels (forward, then the
+# three backward kernels), the autograd Function, then flash_attention (validation + dispatch)
+# and attention_flops for the benchmark.
+#
+# Dispatch: CUDA tensors run the Triton kernels. CPU tensors run torch's SDPA with the same boolean
+# mask, unless TRITON_INTERPRET=1, in which case the Triton kernels run in Triton's interpreter
+# (how the tests exercise them without a GPU).
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# Triton decides interpreter-vs-compiled when each @triton.jit decorator runs (it reads
+# TRITON_INTERPRET through triton.knobs at that moment), so this module's kernels are interpreted
+# iff the variable was "1" when this module was imported. Block sizes and the bf16 upcast follow.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The kernels work in base 2 (exp2 and log2 are the cheap instructions): scores are multiplied by
+# scale * log2(e) once, and the saved natural-log lse is converted back and forth with LOG2E.
+LOG2E = tl.constexpr(1.4426950408889634)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The convention, as a dense mask, and the reference implementation
+
+
+def attention_mask(T, sliding_window=None, segment_ids=None, device=None, causal=True):
+    """Boolean mask (B or 1, 1, T, T), True = query i (dim -2) may attend key j (dim -1)."""
+    if segment_ids is not None and device is None:
+        device = segment_ids.device
+    i = torch.arange(T, device=device)[:, None]  # query positions (T, 1)
+    j = torch.arange(T, device=device)[None, :]  # key positions   (1, T)
+    mask = torch.ones(T, T, dtype=torch.bool, device=device)
+    if causal:
+        mask &= j <= i
+    if sliding_window is not None:
+        if not causal:
+            raise ValueError("sliding_window requires causal=True")
+        mask &= (i - j) < sliding_window
+    mask = mask[None, None]  # (1, 1, T, T)
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+        mask = mask & same[:, None]  # (B, 1, T, T)
+    return mask
+
+
+def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+    """Dense-mask attention in fp32; slow and simple, the yardstick for the kernels."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning. Keys: head dim, a power-of-two bucket of T (tuning once per bucket instead of once per
+# distinct length, which matters when DPO batches are padded to varying lengths), the mask flags,
+# and (added by triton.autotune itself) the tensor dtypes. No kernel accumulates into its outputs
+# (each output tile is written exactly once), so repeated benchmark launches need no reset_to_zero.
+
+def _configs(shapes):
+    if _INTERPRETED:  # the interpreter cannot benchmark several configs; small blocks run fastest there
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), meant for H100; configs that run out of shared memory
+# (large blocks x many stages at D=128) are discarded by the autotuner.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                         (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2)])
+_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
+                         (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2)])
+_TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS"]
+_PRE_BLOCK = 16 if _INTERPRETED else 128  # rows per program of the delta preprocessing kernel
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the kernels. Positions and segment ids arrive pre-broadcast, so the same
+# helper serves the (queries x keys) tiles of forward/dq and the (keys x queries) tiles of dk/dv.
+
+
+@triton.jit
+def _visible(q_pos, k_pos, q_seg, k_seg, T, window,
+             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    mask = (q_pos < T) & (k_pos < T)  # tile rows/columns past the end of the sequence
+    if IS_CAUSAL:
+        mask = mask & (k_pos <= q_pos)
+    if HAS_WINDOW:
+        mask = mask & (q_pos - k_pos < window)
+    if HAS_SEGMENTS:
+        mask = mask & (q_seg == k_seg)
+    return mask
+
+
+@triton.jit
+def _key_range(start_m, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # Keys [lo, hi) that queries start_m .. start_m + BLOCK_M - 1 may see: blocks above the diagonal
+    # and blocks wholly older than the window are never visited, so work is O(T * window).
+    lo = 0
+    hi = T
+    if IS_CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # down to a tile boundary
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # Queries [lo, hi) that may see keys start_n .. start_n + BLOCK_N - 1 (the transpose of the above).
+    lo = 0
+    hi = T
+    if IS_CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
+    return lo, hi
+
+
+@triton.jit
+def _load_segments(seg_row, offs, T):
+    # Clamping instead of masking repeats the last real id in the tail of a partial tile, so that
+    # min/max over the tile are the range of real ids (the visibility mask handles the tail itself).
+    return tl.load(seg_row + tl.minimum(offs, T - 1))
+
+
+# Block skipping for packed rows: a (query tile, key tile) pair is skipped when the ranges
+# [min, max] of their segment ids do not intersect. That test is sound for any ids (no shared id
+# is possible), and in packed rows, whose ids are non-decreasing, it skips every tile lying wholly
+# in other examples. Trade-off: the loop still walks those tiles (cheap: one small load and two
+# reductions each), and the tile body sits under a runtime `if`, which may pipeline less well than
+# the branch-free loop that rows without segment ids compile to.
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: one program per (query tile, batch x head); online softmax over the key tiles.
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, SEG,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_sb,
+    H, GROUP, T, T_BUCKET, window, qk_scale,  # GROUP = H // H_kv; T_BUCKET is read by the autotuner only
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64 so that batch/head offsets cannot overflow
+    h = (pid_bh % H).to(tl.int64)
+    h_kv = h // GROUP  # GQA: the group's query heads read the same K/V in place
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # query positions of this tile (BLOCK_M,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    if UPCAST:  # set only when interpreting: the interpreter gets bf16 dots wrong, so compute in fp32
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+
+    q_seg = offs_m  # placeholders when there are no segments (never read then)
+    if HAS_SEGMENTS:
+        seg_row = SEG + b * stride_sb
+        q_seg = _load_segments(seg_row, offs_m, T)  # (BLOCK_M,)
+        q_seg_lo = tl.min(q_seg, 0)
+        q_seg_hi = tl.max(q_seg, 0)
+
+    # Running softmax state in the log2 domain. m_i starts at a finite -1e30 rather than -inf, so
+    # that a row whose first visited tile is wholly masked (possible with windows and segments)
+    # computes exp2(-inf - (-1e30)) = 0 instead of exp2(-inf + inf) = NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max of scaled scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of p @ v
+
+    lo, hi = _key_range(start_m, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions (BLOCK_N,)
+        k_seg = offs_n
+        run = True
+        if HAS_SEGMENTS:
+            k_seg = _load_segments(seg_row, offs_n, T)
+            run = (tl.min(k_seg, 0) <= q_seg_hi) & (tl.max(k_seg, 0) >= q_seg_lo)
+        if run:
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                        mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T, read transposed
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
+                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            qk = tl.where(mask, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+            p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # Every real row saw at least its own key (or its own segment), so l_i > 0 there; tail rows of
+    # a partial tile have l_i = 0 and are not stored, the where() only keeps them NaN-free.
+    l_i = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_i[:, None]
+    row = pid_bh.to(tl.int64) * T + offs_m  # O is contiguous (B, H, T, D), LSE (B, H, T)
+    tl.store(O + row[:, None] * HEAD_DIM + offs_d[None, :], o.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    # log-sum-exp of the scaled scores in natural-log units: lse = ln(sum_j exp(scale * q.k_j))
+    tl.store(LSE + row, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward, FlashAttention-2 style. With P = exp(S - lse) recomputed from the saved lse:
+#   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) with delta_i = rowsum(dO_i * O_i),
+#   dQ = scale * dS K,  dK = scale * dS^T Q.
+# Kernel 1 computes delta; kernel 2 owns a key tile and loops over query tiles (and over the
+# group's query heads, which sums the GQA gradient without atomics); kernel 3 owns a query tile
+# and loops over key tiles. S is computed twice (kernels 2 and 3): the price of no atomics.
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA,
+    stride_dob, stride_doh, stride_dot,
+    H, T,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row = pid_bh.to(tl.int64) * T + offs_t
+    valid = offs_t[:, None] < T
+    o = tl.load(O + row[:, None] * HEAD_DIM + offs_d[None, :], mask=valid, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_t[:, None] * stride_dot + offs_d[None, :],
+                 mask=valid, other=0.0).to(tl.float32)
+    tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_t < T)  # (BLOCK,)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, SEG, DK, DV,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_sb,
+    H, GROUP, T, T_BUCKET, window, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)  # over B x H_kv
+    H_KV = H // GROUP
+    b = (pid_bh // H_KV).to(tl.int64)
+    h_kv = (pid_bh % H_KV).to(tl.int64)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions owned by this program (BLOCK_N,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    k_seg = offs_n
+    if HAS_SEGMENTS:
+        seg_row = SEG + b * stride_sb
+        k_seg = _load_segments(seg_row, offs_n, T)
+        k_seg_lo = tl.min(k_seg, 0)
+        k_seg_hi = tl.max(k_seg, 0)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo, hi = _query_range(start_n, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for h in range(h_kv * GROUP, h_kv * GROUP + GROUP):  # the query heads that share this kv head
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * T  # into LSE and DELTA, contiguous (B, H, T)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+            q_seg = offs_m
+            run = True
+            if HAS_SEGMENTS:
+                q_seg = _load_segments(seg_row, offs_m, T)
+                run = (tl.min(q_seg, 0) <= k_seg_hi) & (tl.max(q_seg, 0) >= k_seg_lo)
+            if run:
+                q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
+                              mask=offs_m[None, :] < T, other=0.0)  # (D, BLOCK_M): Q^T
+                do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+                             mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+                if UPCAST:
+                    q_t = q_t.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
+                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+                # Transposed tiles (keys x queries), so that P^T and dS^T come out directly.
+                s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                mask = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], k_seg[:, None], T, window,
+                                IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+                p_t = tl.exp2(tl.where(mask, s_t * qk_scale - lse[None, :] * LOG2E, float("-inf")))
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+
+    dk = dk * softmax_scale
+    row = pid_bh.to(tl.int64) * T + offs_n  # DK and DV are contiguous (B, H_kv, T, D)
+    tl.store(DK + row[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=offs_n[:, None] < T)
+    tl.store(DV + row[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, SEG, DQ,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_sb,
+    H, GROUP, T, T_BUCKET, window, qk_scale, softmax_scale,
+    HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    h_kv = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row = pid_bh.to(tl.int64) * T + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+
+    q_seg = offs_m
+    if HAS_SEGMENTS:
+        seg_row = SEG + b * stride_sb
+        q_seg = _load_segments(seg_row, offs_m, T)
+        q_seg_lo = tl.min(q_seg, 0)
+        q_seg_hi = tl.max(q_seg, 0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo, hi = _key_range(start_m, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_seg = offs_n
+        run = True
+        if HAS_SEGMENTS:
+            k_seg = _load_segments(seg_row, offs_n, T)
+            run = (tl.min(k_seg, 0) <= q_seg_hi) & (tl.max(k_seg, 0) >= q_seg_lo)
+        if run:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
+                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): V^T
+            if UPCAST:
+                k_t = k_t.to(tl.float32)
+                v_t = v_t.to(tl.float32)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
+                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            p = tl.exp2(tl.where(mask, s * qk_scale - lse[:, None] * LOG2E, float("-inf")))
+            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+
+    dq = dq * softmax_scale
+    tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and the autograd Function
+
+
+def _flags(q, causal, sliding_window, segment_ids):
+    # fp32 inputs get true fp32 dots ("ieee"; Triton's default would round them to tf32, ~1e-3
+    # relative): fp32 is the accuracy path, not the fast one. 16-bit inputs ignore the setting.
+    return dict(HEAD_DIM=q.shape[-1], IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
+                HAS_SEGMENTS=segment_ids is not None, UPCAST=_INTERPRETED,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _triton_forward(q, k, v, causal, sliding_window, segment_ids, scale):
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)
+    _attn_fwd[grid](
+        q, k, v, o, lse, segment_ids,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        segment_ids.stride(0) if segment_ids is not None else 0,
+        H, group, T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value,
+        **_flags(q, causal, sliding_window, segment_ids),
+    )
+    return o, lse
+
+
+def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, scale):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)  # (B, H, T) fp32
+    _attn_bwd_delta[(triton.cdiv(T, _PRE_BLOCK), B * H)](
+        o, do, delta, *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK=_PRE_BLOCK,
+    )
+    dq = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H_kv, T, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, H_kv, T, D, dtype=v.dtype, device=v.device)
+    common = (
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        segment_ids.stride(0) if segment_ids is not None else 0,
+        H, H // H_kv, T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale,
+    )
+    flags = _flags(q, causal, sliding_window, segment_ids)
+    _attn_bwd_dkdv[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H_kv)](
+        q, k, v, do, lse, delta, segment_ids, dk, dv, *common, **flags)
+    _attn_bwd_dq[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, segment_ids, dq, *common, **flags)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sliding_window, segment_ids, scale):
+        o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, scale)
+        ctx.save_for_backward(q, k, v, o, lse, segment_ids)
+        ctx.mask_args = (causal, sliding_window)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, segment_ids = ctx.saved_tensors
+        causal, sliding_window = ctx.mask_args
+        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 4-d tensor, (B, H, T, D) for q and (B, H_kv, T, D) for k/v; got {got}")
+    B, H, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, H_kv, T, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Bk, H_kv, Tk, Dk = k.shape
+    if (Bk, Tk, Dk) != (B, T, D):
+        raise ValueError(f"k/v must match q in batch, length and head dim: q is (B, H, T, D) = {tuple(q.shape)}, "
+                         f"k is {tuple(k.shape)}")
+    if H_kv == 0 or H % H_kv != 0:
+        raise ValueError(f"number of query heads H={H} must be a multiple of the number of kv heads H_kv={H_kv}")
+    if T == 0:
+        raise ValueError("sequence length T must be at least 1; got q of shape " + str(tuple(q.shape)))
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32; "
+                         f"got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window!r}")
+        if not causal:
+            raise ValueError("sliding_window requires causal=True (a window over future tokens is not supported)")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != (B, T):
+            got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+            raise ValueError(f"segment_ids must be a (B, T) = {(B, T)} tensor; got {got}")
+        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+            raise ValueError(f"segment_ids must have an integer dtype; got {segment_ids.dtype}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"segment_ids must be on q's device {q.device}; got {segment_ids.device}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
+
+
+def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+    """Attention over q (B, H, T, D) and k, v (B, H_kv, T, D) -> (B, H, T, D); convention at the top."""
+    _check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+
+    if not q.is_cuda and not interpret:  # CPU: torch's SDPA with the shared mask
+        if sliding_window is None and segment_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                  enable_gqa=H != k.shape[1])
+        mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != k.shape[1])
+
+    if D < 16 or D > 128 or D & (D - 1):  # the kernels tile D whole; the SDPA path above takes any D
+        raise ValueError(f"head dim D must be a power of two in 16..128 for the Triton kernels; got D={D}")
+    if interpret and not _INTERPRETED:
+        raise RuntimeError("TRITON_INTERPRET=1 must be set before kernels.attention is imported: "
+                           "Triton fixes interpreted-vs-compiled when the kernels are defined")
+    # Kernels index rows with strides (so (B, T, H, D) tensors viewed as (B, H, T, D) are read in
+    # place) but assume unit stride along D; anything else is copied once.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if segment_ids is not None:
+        # int32/int64 are loaded as they are; other integer types are converted to int64, which
+        # keeps distinct ids distinct (the kernels only compare ids for equality and order).
+        if segment_ids.dtype not in (torch.int32, torch.int64):
+            segment_ids = segment_ids.to(torch.int64)
+        segment_ids = segment_ids.contiguous()
+    return _FlashAttention.apply(q, k, v, bool(causal), sliding_window, segment_ids, scale)
+
+
+def attention_flops(B, H, T, D, causal=True, sliding_window=None):
+    """Useful forward FLOPs: two matmuls (QK^T and PV), 2 FLOPs per multiply-add, visible pairs only."""
+    if sliding_window is not None and not causal:
+        raise ValueError("sliding_window requires causal=True")
+    if not causal:
+        pairs = T * T
+    elif sliding_window is None or sliding_window >= T:
+        pairs = T * (T + 1) // 2  # query i sees i + 1 keys
+    else:
+        W = sliding_window  # queries 0..W-1 see i + 1 keys, the remaining T - W see W each
+        pairs = W * (W + 1) // 2 + (T - W) * W
+    return 4 * B * H * D * pairs

@@ -1,0 +1,309 @@
+# kernels/attention.py against a dense-mask fp32 reference, with the Triton kernels running in
+# Triton's interpreter on CPU tensors.
+#
+# How Triton 3.7 chooses the interpreter: not at `import triton`, but each time the @triton.jit
+# decorator runs (triton/runtime/jit.py consults triton.knobs.runtime.interpret, which reads
+# TRITON_INTERPRET from the environment at that moment). What counts is therefore the variable's
+# value when kernels/attention.py is executed, and another test module in this pytest process may
+# already have imported kernels.attention with compiled kernels. So this module executes its own
+# private copy of the file with the variable set (whatever was imported before), then restores the
+# variable so other test modules see no change. flash_attention reads the variable again at call
+# time (to pick the kernels over SDPA for CPU tensors), hence the autouse fixture below.
+import importlib.util
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+
+_FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "attention.py"
+
+
+def _load_attention(interpret):
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        name = "_attention_interpreted" if interpret else "_attention_compiled"
+        spec = importlib.util.spec_from_file_location(name, _FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+attn = _load_attention(interpret=True)
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_kernels_are_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert attn._INTERPRETED
+    assert isinstance(attn._attn_fwd.fn, InterpretedFunction)  # autotune wraps the jitted function
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+# Tolerances, as a fraction of max|expected|:
+# - fp32: the kernels and the reference differ only in summation order (tiles, online softmax with
+#   exp2) over at most ~100 terms of O(1) size: a few hundred fp32 ulps at worst, observed ~1e-6.
+#   Below magnitude 1 the bound stays absolute (1e-5): results that cancel to ~0 (dq at T=1 is
+#   exactly 0) carry the rounding noise of their O(1) terms, not of themselves.
+# - fp16/bf16: in the interpreter the kernels compute in fp32 (the same inputs, upcast), so the
+#   output differs by its final rounding: at most one step of the 16-bit format at the largest
+#   magnitude (a whole step, not half: the interpreter converts fp32 -> bf16 by truncation, where
+#   a GPU rounds to nearest). Gradients get a second step: besides their own rounding, the
+#   backward pass takes delta = rowsum(dO * O) from the stored 16-bit O, as FlashAttention-2 does,
+#   while the reference differentiates its fp32 O. Observed: up to 1.0 step (output), 1.35 (grads).
+FP32_REL = 1e-5
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7}
+
+
+def assert_close(actual, expected, what, steps=1):
+    expected = expected.float()
+    magnitude = max(expected.abs().max().item(), 1e-6)
+    tol = FP32_REL * max(magnitude, 1.0)
+    if actual.dtype in MANTISSA_BITS:
+        tol += steps * 2.0 ** (math.floor(math.log2(magnitude)) - MANTISSA_BITS[actual.dtype])
+    err = (actual.float() - expected).abs().max().item()
+    assert err <= tol, f"{what}: max abs error {err:.3g} > tolerance {tol:.3g} (max|expected| {magnitude:.3g})"
+    return err
+
+
+def packed_segments(*rows):
+    """segment_ids (B, T) for packed rows, given each row's example lengths: (3, 2) -> [0, 0, 0, 1, 1]."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
+
+
+def random_qkv(B, H, H_kv, T, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv)]
+
+
+def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
+                            leaves=None, to_bhtd=lambda g: g):
+    """Run flash_attention forward and backward; compare output and dq, dk, dv with the reference.
+
+    q, k, v are (B, H, T, D) views; `leaves` are the tensors holding .grad (default q, k, v), and
+    to_bhtd maps a leaf's gradient to (B, H, T, D) for non-contiguous cases."""
+    leaves = leaves or [q, k, v]
+    o = attn.flash_attention(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
+    o.backward(do)
+
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = attn.attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
+    ref.backward(do.float())
+
+    errors = {"out": assert_close(o, ref, "output")}
+    for name, leaf, r in zip(("dq", "dk", "dv"), leaves, ref_in):
+        grad = to_bhtd(leaf.grad)
+        assert grad.shape == r.shape and leaf.grad.dtype == leaf.dtype, name
+        errors[name] = assert_close(grad, r.grad, name, steps=2)
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# The convention
+
+
+def dense_loop_mask(T, W=None, seg=None, causal=True):
+    # Written out pair by pair, the way the convention reads: i sees j iff j <= i, i - j < W, same segment.
+    mask = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(T):
+            ok = (j <= i) if causal else True
+            if W is not None:
+                ok = ok and i - j < W
+            if seg is not None:
+                ok = ok and seg[i] == seg[j]
+            mask[i, j] = ok
+    return mask
+
+
+@pytest.mark.parametrize("W", [1, 2, 5, 9, 40])
+def test_window_sees_itself_and_w_minus_1_earlier_tokens(W):
+    T = 9
+    mask = attn.attention_mask(T, sliding_window=W)
+    assert mask.shape == (1, 1, T, T) and mask.dtype == torch.bool
+    assert torch.equal(mask[0, 0], dense_loop_mask(T, W))
+    # Spelled out for the last query: itself and min(W, T) - 1 tokens before it.
+    assert mask[0, 0, T - 1].nonzero().flatten().tolist() == list(range(max(0, T - W), T))
+
+
+def test_segments_mask_attention_across_examples():
+    seg = packed_segments((3, 4, 2), (9,))
+    seg[1] = torch.tensor([5, 5, 1, 1, 5, 5, 2, 2, 2])  # ids need not be sorted: 5 reappears
+    mask = attn.attention_mask(9, sliding_window=3, segment_ids=seg)
+    assert mask.shape == (2, 1, 9, 9)
+    for b in range(2):
+        assert torch.equal(mask[b, 0], dense_loop_mask(9, 3, seg[b].tolist()))
+    bidirectional = attn.attention_mask(9, segment_ids=seg, causal=False)
+    for b in range(2):
+        assert torch.equal(bidirectional[b, 0], dense_loop_mask(9, None, seg[b].tolist(), causal=False))
+
+
+@pytest.mark.parametrize("causal,W", [(True, None), (True, 4), (True, 20), (False, None)])
+def test_attention_flops_counts_visible_pairs(causal, W):
+    B, H, T, D = 2, 3, 11, 16
+    pairs = attn.attention_mask(T, W, causal=causal).sum().item()
+    assert attn.attention_flops(B, H, T, D, causal, W) == 4 * B * H * D * pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels against the reference: values and all three gradients
+
+CASES = {
+    # name: (B, H, H_kv, T, D, dtype, sliding_window, segment lengths per row or None)
+    "T1": (1, 2, 2, 1, 32, torch.float32, None, None),
+    "T17-mha": (2, 2, 2, 17, 32, torch.float32, None, None),
+    "T100-gqa4-bf16-D64": (1, 4, 1, 100, 64, torch.bfloat16, None, None),
+    # Windows of 2 and 18 put the oldest visible key one past a 16-wide tile boundary (16 is the
+    # interpreter's tile size): the window's loop bounds get no slack there.
+    "T17-gqa4-window2": (2, 4, 1, 17, 32, torch.float32, 2, None),
+    "T100-window18-bf16": (1, 2, 2, 100, 32, torch.bfloat16, 18, None),
+    "T100-window1": (1, 2, 1, 100, 32, torch.float32, 1, None),
+    "T100-gqa4-segments": (2, 4, 1, 100, 32, torch.float32, None, [(30, 1, 45, 24), (60, 40)]),
+    "T100-gqa2-segments-window16-bf16": (1, 4, 2, 100, 64, torch.bfloat16, 16, [(7, 50, 43)]),
+    "T17-segments-fp16": (1, 2, 2, 17, 32, torch.float16, None, [(5, 12)]),
+    "T33-window7-D128-bf16": (1, 2, 1, 33, 128, torch.bfloat16, 7, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_match_reference(name):
+    B, H, H_kv, T, D, dtype, W, lengths = CASES[name]
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, H, H_kv, T, D, dtype))
+    seg = packed_segments(*lengths) if lengths else None
+    check_against_reference(q, k, v, sliding_window=W, segment_ids=seg)
+
+
+@pytest.mark.parametrize("lengths", [None, [(10, 23), (33,)]])
+def test_non_causal_matches_reference(lengths):
+    q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 33, 32, torch.float32))
+    seg = packed_segments(*lengths) if lengths else None
+    check_against_reference(q, k, v, causal=False, segment_ids=seg, softmax_scale=0.3)
+
+
+def test_segment_ids_need_not_be_sorted():
+    # Block skipping uses per-tile min/max of ids; with interleaved and reappearing ids it must
+    # skip nothing that is visible. int16 ids also exercise the dtype conversion.
+    T = 48
+    seg = torch.stack([torch.arange(T) % 3, torch.tensor([7] * 16 + [2] * 16 + [7] * 16)]).to(torch.int16)
+    q, k, v = (x.requires_grad_() for x in random_qkv(2, 2, 1, T, 32, torch.float32))
+    check_against_reference(q, k, v, sliding_window=20, segment_ids=seg)
+
+
+def test_non_contiguous_inputs_read_in_place():
+    # The model's layout: projections give (B, T, H, D), viewed as (B, H, T, D) by a transpose.
+    B, H, H_kv, T, D = 2, 4, 2, 33, 32
+    g = torch.Generator().manual_seed(0)
+    q_bthd = torch.randn(B, T, H, D, generator=g).to(torch.bfloat16).requires_grad_()
+    k_bthd = torch.randn(B, T, H_kv, D, generator=g).to(torch.bfloat16).requires_grad_()
+    v_bthd = torch.randn(B, T, H_kv, D, generator=g).to(torch.bfloat16).requires_grad_()
+    q, k, v = (x.transpose(1, 2) for x in (q_bthd, k_bthd, v_bthd))
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, sliding_window=9, segment_ids=packed_segments((20, 13), (33,)),
+                            leaves=[q_bthd, k_bthd, v_bthd], to_bhtd=lambda g: g.transpose(1, 2))
+
+
+def test_window_of_one_returns_each_tokens_own_value():
+    # Independent of the reference: a token that sees only itself outputs its own value vector.
+    q, k, v = random_qkv(1, 4, 2, 21, 16, torch.float32)
+    o = attn.flash_attention(q, k, v, sliding_window=1)
+    torch.testing.assert_close(o, v.repeat_interleave(2, dim=1), rtol=0, atol=1e-6)
+
+
+def test_saved_logsumexp_matches_dense_logsumexp():
+    B, H, T, D, W = 1, 2, 40, 32, 11
+    q, k, v = random_qkv(B, H, 1, T, D, torch.float32)
+    seg = packed_segments((25, 15))
+    o, lse = attn._triton_forward(q, k, v, True, W, seg, 0.2)
+    scores = (q @ k.transpose(-1, -2)) * 0.2  # (B, H, T, T); k broadcasts over the H query heads
+    scores = scores.masked_fill(~attn.attention_mask(T, W, seg), float("-inf"))
+    assert lse.shape == (B, H, T) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("W,lengths", [(None, None), (6, [(9, 8)])])
+def test_cpu_torch_path_matches_reference(monkeypatch, W, lengths):
+    monkeypatch.delenv("TRITON_INTERPRET")  # plain CPU: SDPA with attention_mask, the model's path
+    q, k, v = random_qkv(1, 4, 2, 17, 24, torch.float32)  # D=24: any head dim on this path
+    seg = packed_segments(*lengths) if lengths else None
+    o = attn.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
+    torch.testing.assert_close(o, attn.attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _t(*shape, dtype=torch.float32, device="cpu"):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+BAD_INPUTS = {
+    "q-rank": (dict(q=_t(2, 8, 32)), "q must be a 4-d tensor"),
+    "k-v-shapes": (dict(v=_t(1, 2, 8, 16)), "k and v must have the same shape"),
+    "heads-not-multiple": (dict(q=_t(1, 3, 8, 32)), "multiple of the number of kv heads"),
+    "length-mismatch": (dict(k=_t(1, 2, 9, 32), v=_t(1, 2, 9, 32)), "must match q"),
+    "dtype-mismatch": (dict(k=_t(1, 2, 8, 32, dtype=torch.bfloat16)), "share one dtype"),
+    "float64": (dict(q=_t(1, 4, 8, 32, dtype=torch.float64), k=_t(1, 2, 8, 32, dtype=torch.float64),
+                     v=_t(1, 2, 8, 32, dtype=torch.float64)), "share one dtype"),
+    "device-mismatch": (dict(q=_t(1, 4, 8, 32, device="meta")), "one device"),
+    "head-dim-not-power-of-two": (dict(q=_t(1, 4, 8, 24), k=_t(1, 2, 8, 24), v=_t(1, 2, 8, 24)), "head dim D"),
+    "head-dim-too-large": (dict(q=_t(1, 4, 8, 256), k=_t(1, 2, 8, 256), v=_t(1, 2, 8, 256)), "head dim D"),
+    "segments-shape": (dict(segment_ids=torch.zeros(1, 7, dtype=torch.long)), r"segment_ids must be a \(B, T\)"),
+    "segments-float": (dict(segment_ids=torch.zeros(1, 8)), "segment_ids must have an integer dtype"),
+    "window-zero": (dict(sliding_window=0), "sliding_window must be a positive int"),
+    "window-float": (dict(sliding_window=2.5), "sliding_window must be a positive int"),
+    "window-not-causal": (dict(sliding_window=4, causal=False), "sliding_window requires causal=True"),
+    "scale-negative": (dict(softmax_scale=-1.0), "softmax_scale must be a positive number"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_raises_naming_the_argument(name):
+    overrides, message = BAD_INPUTS[name]
+    args = {**dict(q=_t(1, 4, 8, 32), k=_t(1, 2, 8, 32), v=_t(1, 2, 8, 32)), **overrides}
+    with pytest.raises(ValueError, match=message):
+        attn.flash_attention(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled kernels on a GPU, at sizes where the H100 block configurations matter. There P and dS
+# are rounded to bf16 before their matmuls (as in FlashAttention-2), hence a wider tolerance: four
+# bf16 steps of the magnitude.
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("W,lengths", [(None, None), (100, None), (None, [(300, 5, 207)]), (64, [(250, 262)])])
+def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = _load_attention(interpret=False)
+    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(2, 8, 2, 512, 128, dtype))
+    seg = packed_segments(*lengths * 2).cuda() if lengths else None
+    o = compiled.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
+    do = torch.randn_like(o)
+    o.backward(do)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = compiled.attention_reference(*ref_in, True, W, seg)
+    ref.backward(do.float())
+    for name, got, want in (("out", o, ref), ("dq", q.grad, ref_in[0].grad),
+                            ("dk", k.grad, ref_in[1].grad), ("dv", v.grad, ref_in[2].grad)):
+        magnitude = want.abs().max().item()
+        tol = magnitude * (2.0 ** -6 if dtype == torch.bfloat16 else 1e-5)
+        err = (got.float() - want).abs().max().item()
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
