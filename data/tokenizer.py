@@ -12,6 +12,10 @@ work and change only its inputs: the model proto is edited in memory (score = -i
 identity normalizer without dummy prefix) and the dummy prefix and the special tokens are handled here,
 as transformers handles them. tests/test_tokenizer.py checks this token for token against transformers.
 
+save_pretrained also writes the `tokenizers` library's tokenizer.json (what Mistral's own checkpoints ship
+and what transformers' TokenizersBackend and vLLM load as is), built here from the same vocabulary, so
+every loader encodes as we do, whichever tokenizer class it picks.
+
 Runtime imports: sentencepiece, numpy and the standard library only.
 """
 
@@ -218,6 +222,7 @@ class Tokenizer:
             self.model_bytes = f.read()
         self.model_path, self.legacy = model_path, bool(legacy)
         proto, pieces = _transformers_compatible_proto(self.model_bytes)
+        self.pieces = pieces  # [(piece, type)] by id
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self.sp.get_piece_size()
         if self.vocab_size != len(pieces):
@@ -232,6 +237,10 @@ class Tokenizer:
         if bad:
             raise ValueError(f"{model_path}: user-defined/unused pieces are not supported (transformers makes "
                              f"them added tokens or merges into them; sentencepiece does neither): {bad[:5]}")
+        extra = [(i, p) for i, (p, k) in enumerate(pieces) if k in (CONTROL, UNKNOWN) and i not in expected]
+        if extra:
+            raise ValueError(f"{model_path}: control pieces other than <unk>, <s>, </s> are not supported "
+                             f"(transformers splits them out of the text as special tokens; we do not): {extra[:5]}")
         # transformers' merges are every split of every piece into two pieces, so it would build a byte
         # piece like '<0x0A>' out of the text "<0x0A>" if '<0x' and '0A>' were pieces; sentencepiece never
         # does. No such pair exists in Mistral's vocabulary; refuse one where it does.
@@ -342,8 +351,12 @@ class Tokenizer:
 
     def save_pretrained(self, directory, model_max_length=32768):
         """
-        Write tokenizer.model, tokenizer_config.json and special_tokens_map.json so that transformers'
-        AutoTokenizer.from_pretrained(directory) encodes, decodes and applies the chat template as we do.
+        Write tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json so that
+        transformers' AutoTokenizer.from_pretrained(directory) encodes, decodes and applies the chat
+        template as we do, whichever class it picks: LlamaTokenizer (named here), or, in a model directory
+        whose config.json says model_type mistral, TokenizersBackend, which reads tokenizer.json as is
+        (without one it would convert tokenizer.model its own way, sentencepiece's on runs of spaces).
+        tokenizers.Tokenizer.from_file(directory/tokenizer.json), what vLLM uses, encodes as we do too.
         model_max_length: the model's context length (Mistral's max_position_embeddings by default).
         """
         os.makedirs(directory, exist_ok=True)
@@ -362,9 +375,59 @@ class Tokenizer:
             "padding_side": "left",  # for batched generation; our training code pads on its own
             "chat_template": CHAT_TEMPLATE,
         }
-        _atomic_write(os.path.join(directory, "tokenizer.model"), self.model_bytes)
-        _atomic_write(os.path.join(directory, "tokenizer_config.json"), _json_bytes(config))
-        _atomic_write(os.path.join(directory, "special_tokens_map.json"), _json_bytes(special))
+        atomic_write(os.path.join(directory, "tokenizer.model"), self.model_bytes)
+        atomic_write(os.path.join(directory, "tokenizer.json"), _json_bytes(self.tokenizers_json()))
+        atomic_write(os.path.join(directory, "tokenizer_config.json"), _json_bytes(config))
+        atomic_write(os.path.join(directory, "special_tokens_map.json"), _json_bytes(special))
+
+    def tokenizers_json(self):
+        """
+        The `tokenizers` library's serialization (tokenizer.json) of this tokenizer, as a dict; it equals
+        the one transformers' LlamaTokenizer saves after loading our tokenizer.model and tokenizer_config,
+        except for the BPE model's unk_token ('<unk>' here, sentencepiece's unknown piece; None there):
+        the same ids either way while all 256 byte pieces exist, as byte fallback then leaves nothing unknown.
+        A BPE with byte fallback over the vocabulary (piece -> id) whose merges are every split of every
+        piece into two pieces, ranked by the piece's id, then by the length of the left part (transformers'
+        generate_merges for a sentencepiece BPE); no normalizer; a Metaspace pre-tokenizer adding the dummy
+        prefix to each stretch between special tokens (legacy: "always") or only to the first ("first");
+        <unk>, <s>, </s> as special added tokens matched on the raw text; BOS added by the post-processor
+        (add_bos_token); and the decoder that turns '▁' back into spaces, bytes into UTF-8 and drops the
+        one leading space.
+        """
+        vocab = {piece: i for i, (piece, _) in enumerate(self.pieces)}
+        # Generated in (id, split position) order, which is the order transformers sorts them into.
+        merges = [[piece[:j], piece[j:]] for piece, _ in self.pieces
+                  for j in range(1, len(piece)) if piece[:j] in vocab and piece[j:] in vocab]
+        added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True} for i, token in ((UNK_ID, UNK), (BOS_ID, BOS), (EOS_ID, EOS))]
+        bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                              "prepend_scheme": "always" if self.legacy else "first", "split": False},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {BOS: {"id": BOS, "ids": [BOS_ID], "tokens": [BOS]}},
+            },
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ]},
+            "model": {
+                "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+                "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                "vocab": vocab, "merges": merges,
+            },
+        }
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -382,14 +445,33 @@ def _json_bytes(obj):
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _atomic_write(path, data):
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
+def _umask():
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, data):
+    """
+    Write `data` (bytes) to a temporary file beside `path`, fsync, then rename over it: readers see old or
+    new, never half. The file gets the mode a plain open() would give it (0666 less the umask), not
+    mkstemp's 0600.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -432,5 +514,5 @@ def train_tokenizer(texts_or_file, model_prefix, vocab_size, character_coverage=
     path = model_prefix + ".model"
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, model.getvalue())
+    atomic_write(path, model.getvalue())
     return path

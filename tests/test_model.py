@@ -318,3 +318,22 @@ def test_top_k_top_p_match_transformers_warpers():
         assert (allowed.sum(1) >= 1).all()
         top = ref.argmax(-1)
         assert seen[torch.arange(4), top].all()      # the most likely token does get drawn
+
+
+def test_saved_directory_with_tokenizer_loads_in_transformers_and_chats_as_we_train(tmp_path):
+    mistral_common = pytest.importorskip("mistral_common")
+    from data.tokenizer import Tokenizer
+    tok = Tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1"))
+    model, _ = ours_and_hf(tiny_config(vocab_size=32000, hidden_size=32, intermediate_size=48,
+                                       sliding_window=16))
+    model.save_pretrained(tmp_path / "zephyr", tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "zephyr")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "zephyr", dtype=torch.float32).eval()
+    chat = [{"role": "user", "content": "Name  three   primes, please."},
+            {"role": "assistant", "content": "2, 3 and 5."}]
+    ids, _ = tok.encode_chat(chat)
+    rendered = hf_tok.apply_chat_template(chat, tokenize=False)
+    assert hf_tok(rendered)["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() <= TOL

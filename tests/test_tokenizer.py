@@ -2,10 +2,15 @@
 data/tokenizer.py against transformers' tokenizer, the independent reference: our save_pretrained writes a
 directory, transformers' AutoTokenizer loads it offline, and the two must agree token for token on the
 real Mistral v1 vocabulary (shipped in mistral_common's wheel) and on a small vocabulary trained here.
+The reference is built by transformers from tokenizer.model alone (our tokenizer.json removed), so it does
+not depend on the tokenizer.json we write; that file is then checked against ours in a model directory
+(config.json with model_type mistral), through AutoTokenizer and through `tokenizers` directly.
 """
 
+import json
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -17,7 +22,9 @@ mistral_common = pytest.importorskip("mistral_common")
 pytest.importorskip("google.protobuf")  # transformers needs it to read a sentencepiece tokenizer.model
 import sentencepiece as spm  # noqa: E402
 
-from data.tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat, train_tokenizer  # noqa: E402
+import tokenizers  # noqa: E402
+
+from data.tokenizer import CHAT_TEMPLATE, Tokenizer, atomic_write, render_chat, train_tokenizer  # noqa: E402
 
 MISTRAL_V1 = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 
@@ -61,13 +68,19 @@ SPECIAL_STRINGS = [
 ]
 
 
+def load_reference(ours, directory):
+    """transformers' tokenizer for the directory ours wrote, converted by transformers from tokenizer.model
+    and tokenizer_config.json (without our tokenizer.json), as the independent reference."""
+    ours.save_pretrained(directory)
+    os.remove(os.path.join(directory, "tokenizer.json"))
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["legacy", "not_legacy"])
 def mistral(request, tmp_path_factory):
-    """(ours, transformers' tokenizer loaded from the directory ours wrote) for the real Mistral vocabulary."""
+    """(ours, transformers' reference tokenizer) for the real Mistral vocabulary."""
     ours = Tokenizer(MISTRAL_V1, legacy=request.param)
-    directory = tmp_path_factory.mktemp("mistral")
-    ours.save_pretrained(directory)
-    return ours, transformers.AutoTokenizer.from_pretrained(directory)
+    return ours, load_reference(ours, tmp_path_factory.mktemp("mistral"))
 
 
 def random_text(rng):
@@ -255,7 +268,8 @@ def test_decode_round_trips_text(mistral):
 def test_save_pretrained_writes_a_directory_transformers_loads(tmp_path):
     ours = Tokenizer(MISTRAL_V1, legacy=True)
     ours.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                                            "tokenizer_config.json"]
     assert (tmp_path / "tokenizer.model").read_bytes() == open(MISTRAL_V1, "rb").read()
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, hf.pad_token_id) == (1, 2, 0, 0)
@@ -287,11 +301,115 @@ def test_trained_tokenizer_is_deterministic_and_matches_transformers(tmp_path):
     assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
     assert all(sp.is_byte(i) for i in range(3, 259))
 
-    ours.save_pretrained(tmp_path / "hf")
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = load_reference(ours, tmp_path / "hf")
     rng = random.Random(5)
     for text in generated_corpus(seed=1, n=100) + [random_text(rng) for _ in range(100)]:
         assert ours.encode(text, bos=True) == hf(text)["input_ids"], repr(text)
         assert ours.decode(ours.encode(text)) == hf.decode(hf(text)["input_ids"], skip_special_tokens=True)
     for messages in CONVERSATIONS.values():
         assert ours.encode_chat(messages)[0] == hf(render_chat(messages))["input_ids"]
+
+
+# -- tokenizer.json: what loaders use in a model directory ------------------------------
+
+def model_directory(ours, directory, vocab_size):
+    """save_pretrained's files plus a config.json like model.py's: AutoTokenizer then goes by model_type
+    mistral (TokenizersBackend reading tokenizer.json as is), not by tokenizer_config's LlamaTokenizer."""
+    ours.save_pretrained(directory)
+    config = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": vocab_size}
+    (directory / "config.json").write_text(json.dumps(config))
+    return (transformers.AutoTokenizer.from_pretrained(directory),
+            tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
+
+
+@pytest.fixture(scope="module", params=["mistral-legacy", "mistral-not_legacy", "trained-legacy", "trained-not_legacy"])
+def saved(request, tmp_path_factory):
+    """(ours, AutoTokenizer of a model directory, tokenizers.Tokenizer of its tokenizer.json)."""
+    vocabulary, legacy = request.param.split("-")
+    if vocabulary == "mistral":
+        path = MISTRAL_V1
+    else:
+        path = train_tokenizer(generated_corpus(seed=0), str(tmp_path_factory.mktemp("trained") / "tiny"), 400)
+    ours = Tokenizer(path, legacy=legacy == "legacy")
+    return (ours, *model_directory(ours, tmp_path_factory.mktemp("model"), ours.vocab_size))
+
+
+def test_model_directory_loaders_encode_runs_of_spaces_like_ours(saved):
+    ours, hf, raw = saved
+    text = "Name  three   primes"
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text) == raw.encode(text, add_special_tokens=False).ids
+    if ours.vocab_size == 32000:  # transformers' own conversion of tokenizer.model gives '▁' '▁three' here
+        assert hf.convert_ids_to_tokens(ours.encode(text))[:4] == ["▁Name", "▁▁", "three", "▁▁"]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_model_directory_loaders_encode_conversations_like_ours(saved, add_generation_prompt):
+    ours, hf, raw = saved
+    for messages in [*CONVERSATIONS.values(), SPECIAL_STRINGS]:
+        ids = ours.encode_chat(messages, add_generation_prompt)[0]
+        rendered = render_chat(messages, add_generation_prompt)
+        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == rendered
+        assert hf(rendered)["input_ids"] == ids == raw.encode(rendered).ids
+        templated = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                           return_dict=False)
+        assert list(templated) == ids[1:]
+        assert hf.decode(ids) == ours.decode(ids, skip_special_tokens=False) == raw.decode(ids, skip_special_tokens=False)
+
+
+def test_model_directory_loaders_fuzz_encode_and_decode_like_ours(saved):
+    ours, hf, raw = saved
+    rng = random.Random(4321)
+    texts = [random_text(rng) for _ in range(150)] + generated_corpus(seed=2, n=50)
+    encoded = raw.encode_batch(texts)
+    for text, enc in zip(texts, encoded):
+        ids = ours.encode(text, bos=True)
+        assert ids == hf(text)["input_ids"] == enc.ids, repr(text)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == raw.decode(ids), repr(text)
+        assert ours.decode(ids, skip_special_tokens=False) == hf.decode(ids) == raw.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_tokenizer_json_equals_what_transformers_saves(tmp_path, legacy):
+    # transformers' LlamaTokenizer converts tokenizer.model (with our tokenizer_config) and saves its own
+    # tokenizer.json: ours must be the same document, bar the BPE's unk_token, which we name (no id
+    # depends on it: byte fallback leaves nothing unknown).
+    ours = Tokenizer(MISTRAL_V1, legacy=legacy)
+    hf = load_reference(ours, tmp_path / "in")
+    assert type(hf).__name__ == "LlamaTokenizer"
+    hf.save_pretrained(tmp_path / "out")
+    theirs = json.loads((tmp_path / "out" / "tokenizer.json").read_text(encoding="utf-8"))
+    mine = ours.tokenizers_json()
+    assert mine["model"].pop("unk_token") == "<unk>" and theirs["model"].pop("unk_token") is None
+    assert mine == theirs
+    ours.save_pretrained(tmp_path / "mine")
+    assert json.loads((tmp_path / "mine" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"] == \
+        theirs["model"]["merges"]
+
+
+def test_tokenizer_json_in_a_tokenizer_directory_loads_as_llama_tokenizer(tmp_path):
+    # Without config.json, AutoTokenizer takes tokenizer_config's LlamaTokenizer, which reads the vocabulary
+    # and merges from our tokenizer.json and builds its Metaspace from `legacy`.
+    ours = Tokenizer(MISTRAL_V1, legacy=True)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "LlamaTokenizer"
+    rng = random.Random(99)
+    for text in [random_text(rng) for _ in range(50)] + [render_chat(m) for m in CONVERSATIONS.values()]:
+        assert hf(text)["input_ids"] == ours.encode(text, bos=True), repr(text)
+
+
+def test_saved_files_get_the_umask_mode_not_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        Tokenizer(MISTRAL_V1).save_pretrained(tmp_path / "a")
+        path = train_tokenizer(generated_corpus(seed=0), str(tmp_path / "t" / "tiny"), vocab_size=400)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a").iterdir()}
+        assert modes == dict.fromkeys(modes, 0o644) and len(modes) == 4
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write(str(tmp_path / "private"), b"x")
+        assert stat.S_IMODE(os.stat(tmp_path / "private").st_mode) == 0o600
+        atomic_write(str(tmp_path / "private"), b"y")  # replacing keeps the atomic rename and the mode
+        assert (tmp_path / "private").read_bytes() == b"y" and sorted(os.listdir(tmp_path)) == ["a", "private", "t"]
+    finally:
+        os.umask(old)

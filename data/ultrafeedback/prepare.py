@@ -45,7 +45,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/ultrafeedback/prepare.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.shards import ShardWriter
-from data.tokenizer import Tokenizer, _atomic_write, check_messages
+from data.tokenizer import Tokenizer, atomic_write, check_messages
 from data.ultrachat.prepare import (BLOCK, KEEP_BAD_MESSAGES, BadRow, DataError, describe_file, hub_files,
                                     iter_rows, load_tokenizer)
 
@@ -243,7 +243,7 @@ def prepare(files, tokenizer_path, out_dir, split, max_prompt_length=512, max_le
             n = len(prompt_ids)
             ids_file = os.path.join(out_dir, f"{split}.prompt_ids.json")
             ids_bytes = (json.dumps(prompt_ids, ensure_ascii=False) + "\n").encode("utf-8")
-            _atomic_write(ids_file, ids_bytes)
+            atomic_write(ids_file, ids_bytes)
             info = writer.close({
                 "kind": "preference_pairs",
                 "layout": "example 2i = prompt + chosen answer of pair i, 2i+1 = prompt + rejected answer",
