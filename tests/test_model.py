@@ -337,3 +337,14 @@ def test_saved_directory_with_tokenizer_loads_in_transformers_and_chats_as_we_tr
     x = torch.tensor([ids])
     with torch.no_grad():
         assert (model(x) - hf(x).logits).abs().max().item() <= TOL
+
+
+def test_sampling_frequencies_follow_the_softmax():
+    # Inverse-CDF sampling against the probabilities themselves: 40k draws, 4-sigma bounds per token.
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -30.0]]).repeat(40_000, 1)
+    p = torch.softmax(logits[0] / 0.8, -1)
+    draws = sample(logits, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    sigma = (p * (1 - p) / len(draws)).sqrt()
+    assert ((freq - p).abs() <= 4 * sigma + 1e-12).all(), (freq, p)
+    assert freq[4] == 0

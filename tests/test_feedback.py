@@ -1,0 +1,399 @@
+# feedback.py: answers from an ensemble, ratings from a judge, Zephyr's binarization; under torchrun, through
+# failing endpoints, and across a SIGKILL. Models are tiny random Mistrals; the judge is a function of the text.
+import hashlib
+import http.server
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run, torchrun
+import feedback
+from data.tokenizer import Tokenizer, render_chat
+from model import Mistral, MistralConfig
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}  # the subprocesses import judge_len from this module
+
+
+def judge_len(prompt, answer):
+    """The test judge: 0, 1 or 2 from the answer's length, so ties and pairs both occur. Sleeps when asked,
+    to slow a run down enough to be killed midway."""
+    time.sleep(float(os.environ.get("FB_TEST_JUDGE_SLEEP", "0")))
+    return float(len(answer) % 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_tokenizer):
+    # No sliding window: a one-layer model with a window would see only the fixed tail of a rating prompt.
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                        max_position_embeddings=2048, dtype="float32")
+    model = Mistral(cfg)
+    model.init_weights(seed=1)
+    path = tmp_path_factory.mktemp("model") / "hf"
+    model.save_pretrained(path, tokenizer=Tokenizer(tiny_tokenizer))
+    return str(path)
+
+
+PROMPT_ROWS = [{"instruction": f"Sort these numbers in ascending order: {i}, {2 * i + 1}, 7", "source": "tiny/sort"}
+               for i in range(10)]
+PROMPT_ROWS.insert(3, {"prompt": "Say hi", "prompt_id": "given-id"})
+PROMPT_ROWS.insert(6, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                    {"role": "user", "content": "Count to 3"},
+                                    {"role": "assistant", "content": "1 2 3"}]})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    lines = [json.dumps(r) for r in PROMPT_ROWS]
+    lines.insert(5, '{"instruction": "broken')  # line 6: malformed, skipped and counted
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def args(prompts, model, out, **kw):
+    base = dict(prompts=prompts, out_dir=out, models=model, models_per_prompt=0, answers_per_member=3,
+                principles="false", temperature=0.7, max_new_tokens=8, judge="test_feedback:judge_len",
+                batch_size=2, seed=3)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_rank(prompts_file, tiny_model, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("one_rank"))
+    p = run([sys.executable, "feedback.py", *args(prompts_file, tiny_model, out)], env=ENV)
+    return out, p
+
+
+def test_two_ranks_write_both_schemas_and_match_one_rank(one_rank, prompts_file, tiny_model, tmp_path):
+    ref, p = one_rank
+    assert f"{prompts_file}:6: not valid JSON" in p.stderr
+    out = str(tmp_path / "two")
+    torchrun("feedback.py", args(prompts_file, tiny_model, out), nproc=2, env=ENV)
+    assert sorted(os.listdir(os.path.join(out, "parts"))) == ["rank0.jsonl", "rank1.jsonl"]
+    for name in ("raw.jsonl", "pairs.jsonl"):  # batches, not ranks, decide the randomness
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(ref, name), "rb").read(), name
+
+    raw, pairs = read_jsonl(os.path.join(out, "raw.jsonl")), read_jsonl(os.path.join(out, "pairs.jsonl"))
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert len(raw) == summary["prompts"] == 12 and summary["malformed_rows"] == 1
+    assert [r["instruction"] for r in raw] == [r.get("instruction") or r.get("prompt") or "Count to 3"
+                                               for r in PROMPT_ROWS]  # input order
+    assert raw[3]["prompt_id"] == "given-id"
+    for row in raw:
+        assert set(row) == {"instruction", "source", "prompt_id", "completions"}
+        assert len(row["completions"]) == 3
+        for c in row["completions"]:
+            assert c["model"] == tiny_model and c["principle"] is None and isinstance(c["response"], str)
+            assert c["annotations"]["score"]["Rating"] == judge_len(None, c["response"]) == c["mean_score"]
+    assert summary["answers"] == 36 and summary["failed_answers"] == 0
+    assert summary["pairs"] == len(pairs) > 0 and summary["ties_dropped"] > 0
+    assert summary["pairs"] + summary["ties_dropped"] + summary["too_few_rated"] == 12
+    by_id = {r["prompt_id"]: r for r in raw}
+    for pair in pairs:
+        assert set(pair) == {"prompt", "prompt_id", "chosen", "rejected", "messages", "score_chosen", "score_rejected"}
+        row = by_id[pair["prompt_id"]]
+        assert pair["score_chosen"] == max(c["mean_score"] for c in row["completions"]) > pair["score_rejected"]
+        assert pair["messages"] == pair["chosen"] and pair["chosen"][-1]["role"] == "assistant"
+        assert pair["chosen"][:-1] == pair["rejected"][:-1]
+        answers = {c["response"] for c in row["completions"]}
+        assert {pair["chosen"][-1]["content"], pair["rejected"][-1]["content"]} <= answers
+    multi = [p for p in pairs if p["prompt"] == "Count to 3"]
+    if multi:  # the context is every turn up to the last user turn
+        assert [m["content"] for m in multi[0]["chosen"][:-1]] == ["Hi", "Hello", "Count to 3"]
+
+
+def test_killed_run_resumes_to_identical_output(one_rank, prompts_file, tiny_model, tmp_path):
+    ref, _ = one_rank
+    out = str(tmp_path / "killed")
+    part = os.path.join(out, "parts", "rank0.jsonl")
+    cmd = [sys.executable, "feedback.py", *args(prompts_file, tiny_model, out)]
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1", "FB_TEST_JUDGE_SLEEP": "0.1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (os.path.exists(part) and open(part, "rb").read().count(b"\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = open(part, "rb").read().count(b"\n")
+    assert 1 <= n_done < 12 and not os.path.exists(os.path.join(out, "raw.jsonl"))
+    with open(part, "ab") as f:
+        f.write(b'{"index": 11, "instruction": "Sort th')  # and a torn last line, as a kill mid-write leaves
+
+    p = run(cmd, env=ENV)
+    assert "torn last line" in p.stdout and f"{n_done} already done" in p.stdout
+    for name in ("raw.jsonl", "pairs.jsonl"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(ref, name), "rb").read(), name
+    assert sorted(r["index"] for r in read_jsonl(part)) == list(range(12))  # each prompt once, no torn line
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = feedback.Config(out_dir=str(tmp_path), models="m", judge="a:b")
+    feedback.common.write_json(str(tmp_path / "config.json"), feedback.dataclasses.asdict(cfg))
+    feedback.check_resumable(feedback.dataclasses.replace(cfg, concurrency=2, request_timeout=5.0))  # speed only
+    with pytest.raises(ValueError, match=r"temperature: 1.0 -> 0.5"):
+        feedback.check_resumable(feedback.dataclasses.replace(cfg, temperature=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_malformed_rows_are_reported_with_line_numbers_and_skipped(tmp_path):
+    lines = [
+        '{"instruction": "ok 1"}',
+        'not json',
+        '[1, 2]',
+        '{"text": "no known field"}',
+        '{"instruction": 7}',
+        '',                                                           # blank: not a row
+        '{"prompt": "   "}',
+        '{"messages": [{"role": "robot", "content": "x"}]}',
+        '{"messages": [{"role": "assistant", "content": "x"}]}',
+        '{"prompt": "ok 2", "prompt_id": 5}',
+        '{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "ok 3"}]}',
+        '{"prompt": "ok 4", "prompt_id": "p4"}',
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    prompts, malformed = feedback.read_prompts(str(path))
+    assert [p["prompt"] for p in prompts] == ["ok 1", "ok 3", "ok 4"] and [p["index"] for p in prompts] == [0, 1, 2]
+    assert prompts[1]["context"][0] == {"role": "system", "content": "S"}
+    assert prompts[2]["prompt_id"] == "p4"
+    assert prompts[0]["prompt_id"] == hashlib.sha256(b"ok 1").hexdigest()  # none given: sha256 of the prompt
+    where = [m.split(": ")[0] for m in malformed]
+    assert where == [f"{path}:{n}" for n in (2, 3, 4, 5, 7, 8, 9, 10)]
+    assert "'instruction': expected a string" in malformed[3] and "messages[0]['role']" in malformed[5]
+    assert "'prompt_id'" in malformed[7] and all(m.endswith("skipped") for m in malformed)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
+        feedback.read_prompts(str(path), strict=True)
+
+
+def test_parquet_rows_read_like_jsonl(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    rows = [{"instruction": "a", "source": "s"}, {"instruction": "b", "source": "s"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert feedback.read_prompts(str(tmp_path / "p.parquet"))[0] == feedback.read_prompts(str(tmp_path / "p.jsonl"))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ratings
+
+
+def test_expected_rating_from_constructed_digit_probabilities():
+    # p over the digits (renormalized) = 0.1, 0.2, 0.3, 0.2, 0.2 -> 0.1 + 0.4 + 0.9 + 0.8 + 1.0 = 3.2; the other
+    # tokens hold the rest of the mass and must not matter.
+    digit_ids = [3, 5, 6, 8, 9]
+    logits = torch.full((2, 11), 0.0)
+    logits[0, digit_ids] = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2]).log() + 4.0
+    logits[0, [0, 1, 2]] = torch.tensor([5.0, -3.0, 2.0])
+    logits[1, digit_ids[4]] = 50.0  # all mass on "5"
+    rating, mass = feedback.expected_rating(logits, digit_ids)
+    assert rating.tolist() == pytest.approx([3.2, 5.0], abs=1e-6)
+    z = sum(math.exp(x) for x in logits[0].tolist())
+    assert mass[0].item() == pytest.approx(math.exp(4.0) / z, rel=1e-5)
+
+
+def test_local_judge_digit_scores_equal_hand_computation(tiny_model):
+    judge = feedback.LocalModel(tiny_model, torch.device("cpu"), torch.float32)
+    cfg = feedback.Config(judge_batch_size=3)  # uneven chunks of different lengths: padding is exercised
+    batch = [{"prompt_id": "a", "prompt": "Say hi", "context": [{"role": "user", "content": "Say hi"}]},
+             {"prompt_id": "b", "prompt": "Add 2 and 3.", "context": [{"role": "user", "content": "Add 2 and 3."}]}]
+    answers = [["hello there", "h"], ["5", "The answer is five, I think."]]
+    completions = [[{"response": a, "annotations": {}} for a in row] for row in answers]
+    completions[1].append({"response": None, "annotations": {}})  # a failed answer is not rated
+    feedback.rate_local(judge, batch, completions, 0, cfg)
+    assert completions[1][2]["annotations"] == {}
+    tok, model = judge.tok, judge.model
+    for p, row in enumerate(answers):
+        for c, answer in enumerate(row):
+            for aspect in feedback.ASPECTS:
+                # By hand: one unpadded sequence, full logits, the five digit continuations compared directly.
+                chat = [{"role": "user", "content": feedback.rating_prompt(batch[p]["context"], answer, aspect)}]
+                text = render_chat(chat, add_generation_prompt=True) + "Rating: "
+                full = [tok.encode(text + k, bos=True) for k in "12345"]
+                ctx = full[0][:-1]
+                assert all(f[:-1] == ctx for f in full)
+                with torch.no_grad():
+                    logits = model(torch.tensor([ctx]))[0, -1].double()
+                e = [math.exp(logits[f[-1]].item()) for f in full]
+                want = sum((k + 1) * e[k] for k in range(5)) / sum(e)
+                got = completions[p][c]["annotations"][aspect]
+                assert got["Rating"] == pytest.approx(want, abs=2e-6), (p, c, aspect)
+                assert got["digit_mass"] == pytest.approx(sum(e) / logits.exp().sum().item(), rel=1e-4)
+    ratings = {completions[p][c]["annotations"]["helpfulness"]["Rating"] for p in range(2) for c in range(2)}
+    assert len(ratings) > 1  # the answer reaches the last position
+
+
+# ---------------------------------------------------------------------------------------------
+# Binarization
+
+
+def row_with(scores, pid="p"):
+    comps = [{"response": None if s == "failed" else f"answer {i}", "mean_score": None if s == "failed" else s}
+             for i, s in enumerate(scores)]
+    return {"instruction": "Q", "prompt_id": pid, "completions": comps}
+
+
+CTX = [{"role": "user", "content": "Q"}]
+
+
+def test_binarization_chosen_is_max_mean_rejected_seeded_among_others():
+    row = row_with([2.0, 5.0, 3.0, 1.0])
+    rejected = {}
+    for seed in range(20):
+        pair, why = feedback.binarize(row, CTX, seed)
+        assert why == "pair" and pair["chosen"] == CTX + [{"role": "assistant", "content": "answer 1"}]
+        assert pair["messages"] == pair["chosen"] and pair["score_chosen"] == 5.0 and pair["prompt"] == "Q"
+        assert feedback.binarize(row, CTX, seed)[0] == pair  # the same seed draws the same
+        rejected[seed] = pair["rejected"][-1]["content"]
+        assert pair["score_rejected"] == {"answer 0": 2.0, "answer 2": 3.0, "answer 3": 1.0}[rejected[seed]]
+    assert set(rejected.values()) == {"answer 0", "answer 2", "answer 3"}  # another seed, another draw
+    # The draw is per prompt_id, not a stream: another prompt before it changes nothing.
+    assert feedback.binarize(row_with([2.0, 5.0, 3.0, 1.0], "p"), CTX, 7)[0]["rejected"][-1]["content"] == rejected[7]
+
+
+def test_binarization_drops_ties_and_prompts_with_fewer_than_two_rated_answers():
+    assert feedback.binarize(row_with([4.0, 4.0]), CTX, 0) == (None, "tie")
+    assert feedback.binarize(row_with([4.0, None, "failed"]), CTX, 0) == (None, "too_few_rated")
+    assert feedback.binarize(row_with([]), CTX, 0) == (None, "too_few_rated")
+    # Two answers share the top score: the first is chosen; drawing the other as rejected is a tie (dropped).
+    outcomes = set()
+    for seed in range(20):
+        pair, why = feedback.binarize(row_with([1.0, 4.0, 4.0]), CTX, seed)
+        outcomes.add(why)
+        if pair:
+            assert pair["chosen"][-1]["content"] == "answer 1" and pair["score_rejected"] == 1.0
+    assert outcomes == {"pair", "tie"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints: a local OpenAI-compatible server that fails in the ways real ones do
+
+
+class FakeServer:
+    """Answers by prompt text: "flaky" gets one HTTP 500 first, "slow" one reply slower than the client's
+    timeout, "garbage" always a non-JSON body. The judge rates each shown text by a function of its content
+    (so the test can check that shuffled ratings map back), and answers "norating" prompts without ratings."""
+
+    def __init__(self):
+        self.auth, self.judge_orders, self.failed_once, self.lock, self.count = [], [], set(), threading.Lock(), 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.auth.append(self.headers.get("Authorization"))
+                assert self.path == "/v1/chat/completions"
+                content = body["messages"][-1]["content"]
+                if body["model"] == "fake-judge":
+                    shown = re.findall(r"Text \d+:\n(.*?)\n\n", content, re.S)
+                    with server.lock:
+                        server.judge_orders.append(shown)
+                    if "norating" in content:
+                        return self.reply("I would rather not rate these.")
+                    return self.reply("\n".join(f"Text {i + 1}: Rating: {rating_of(t)}" for i, t in enumerate(shown)))
+                for word in ("flaky", "slow"):
+                    if word in content:
+                        with server.lock:
+                            first = word not in server.failed_once
+                            server.failed_once.add(word)
+                        if first and word == "flaky":
+                            return self.send(500, b"overloaded")
+                        if first:
+                            time.sleep(2.5)
+                if "garbage" in content:
+                    return self.send(200, b"<html>not json</html>")
+                n = sum(m["role"] == "system" for m in body["messages"])
+                with server.lock:
+                    server.count += 1  # every answer different, so the judge's shuffle shows
+                    count = server.count
+                self.reply(f"reply to {content} (system turns: {n}, t={body['temperature']}) #{count}")
+
+            def reply(self, text):
+                self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
+                                                        "finish_reason": "stop"}],
+                                           "usage": {"completion_tokens": 5}}).encode())
+
+            def send(self, code, data):
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def rating_of(text):
+    return 1 + sum(map(ord, text)) % 5
+
+
+def test_endpoint_retries_records_failures_and_keeps_the_key_secret(tmp_path):
+    server = FakeServer()
+    key = "sk-test-7f3a9c1e5b"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": t}) + "\n"
+                               for t in ("alpha", "flaky one", "slow one", "garbage", "norating here", "omega")))
+    out = tmp_path / "out"
+    p = run([sys.executable, "feedback.py", f"--prompts={prompts}", f"--out_dir={out}",
+             f"--models={server.url}|model=fake-gpt|key_env=FB_TEST_KEY", "--answers_per_member=2",
+             f"--judge={server.url}|model=fake-judge|key_env=FB_TEST_KEY", "--request_timeout=1.0",
+             "--max_attempts=3", "--backoff_s=0.01", "--batch_size=4", "--concurrency=4", "--principles=true"],
+            env={**ENV, "FB_TEST_KEY": key}, timeout=120)
+    assert server.auth and set(server.auth) == {f"Bearer {key}"}
+    for path, _, files in os.walk(out):
+        for name in files:
+            assert key not in open(os.path.join(path, name), errors="replace").read(), name
+    assert key not in p.stdout + p.stderr
+
+    raw = {r["instruction"]: r["completions"] for r in read_jsonl(out / "raw.jsonl")}
+    for text in ("alpha", "flaky one", "slow one", "norating here", "omega"):
+        for c in raw[text]:  # retried through the 500 and the timeout
+            assert c["response"].startswith(f"reply to {text} (system turns: 1, t=1.0)") and c["error"] is None
+            assert c["model"] == "fake-gpt" and c["principle"] in feedback.PRINCIPLES
+    for c in raw["garbage"]:  # recorded, and the run went on
+        assert c["response"] is None and "not a chat completion" in c["error"] and "after 3 attempts" in c["error"]
+        assert c["annotations"] == {} and c["mean_score"] is None
+    for c in raw["norating here"]:  # unparseable ratings: None, with the judge's text
+        assert set(c["annotations"]) == set(feedback.ASPECTS) and c["mean_score"] is None
+        assert all(a == {"Rating": None, "raw": "I would rather not rate these."} for a in c["annotations"].values())
+    for text in ("alpha", "flaky one", "slow one", "omega"):
+        for c in raw[text]:  # ratings found their answers through the shuffle
+            assert {a["Rating"] for a in c["annotations"].values()} == {rating_of(c["response"])}
+            assert c["mean_score"] == rating_of(c["response"])
+    # All answers of a prompt were shown together, in a shuffled order at least sometimes.
+    shown = [o for o in server.judge_orders if len(o) == 2]
+    order_in_raw = {tuple(c["response"] for c in comps) for comps in raw.values()}
+    assert len(shown) == 5 * 4 and any(tuple(o) not in order_in_raw for o in shown)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["failed_answers"] == 2 and summary["unrated_answers"] == 2 and summary["too_few_rated"] >= 2
