@@ -489,3 +489,14 @@ def broadcast_object(obj, d):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def rank_batches(n, batch_size, d):
+    """Split items 0..n-1 into this rank's batches for evaluation-style loops. Every rank gets the same
+    number of batches, because each forward pass of an FSDP model is a collective: a rank that runs out
+    of items gets `(the first batch again, False)` and must discard the result. Yields (indices, real)."""
+    per_round = batch_size * d.world
+    for start in range(0, n, per_round):
+        lo = start + d.rank * batch_size
+        idx = list(range(lo, min(lo + batch_size, n)))
+        yield (idx, True) if idx else (list(range(min(batch_size, n))), False)

@@ -114,12 +114,11 @@ def reference_logps(model, shards, n_pairs, cfg, d, average):
     """Reference log-probs of every answer, (n_pairs, 2) [chosen, rejected], computed by all ranks together."""
     model.eval()
     out = torch.zeros(n_pairs, 2, dtype=torch.float64, device=d.device)
-    chunk = cfg.micro_batch_size
-    for start in range(d.rank * chunk, n_pairs, d.world * chunk):
-        pairs = list(range(start, min(start + chunk, n_pairs)))
+    for pairs, real in common.rank_batches(n_pairs, cfg.micro_batch_size, d):
         batch = {k: v.to(d.device) for k, v in pair_batch(shards, pairs).items()}
         s, _ = sequence_logps(model, batch, average)
-        out[pairs] = s.view(2, -1).T.double()
+        if real:
+            out[pairs] = s.view(2, -1).T.double()
     # Ranks that ran out of pairs still join the collective; each pair was filled by exactly one rank.
     dist.all_reduce(out)
     model.train()
@@ -204,10 +203,10 @@ def evaluate(model, ref_model, shards, ref_cache, cfg, d):
     model.eval()
     n = min(len(shards) // 2, cfg.eval_pairs)
     sums = {}
-    for start in range(d.rank * cfg.micro_batch_size, n, d.world * cfg.micro_batch_size):
-        pairs = list(range(start, min(start + cfg.micro_batch_size, n)))
-        for k, v in pair_metrics(*run_pairs(model, ref_model, shards, ref_cache, pairs, cfg, d)).items():
-            sums[k] = sums.get(k, 0.0) + v
+    for pairs, real in common.rank_batches(n, cfg.micro_batch_size, d):
+        out = pair_metrics(*run_pairs(model, ref_model, shards, ref_cache, pairs, cfg, d))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + (v if real else 0.0)
     model.train()
     keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected"]

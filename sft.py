@@ -132,12 +132,13 @@ def evaluate(model, shards, cfg, d):
     model.eval()
     rows = pack(shards.lengths, np.arange(len(shards)), cfg.seq_len, cfg.packing)[:cfg.eval_rows]
     nll, count = 0.0, 0
-    for i in range(d.rank * cfg.micro_batch_size, len(rows), d.world * cfg.micro_batch_size):
-        batch = {k: v.to(d.device) for k, v in make_batch(shards, rows[i:i + cfg.micro_batch_size],
-                                                            cfg.seq_len, cfg.packing).items()}
+    for idx, real in common.rank_batches(len(rows), cfg.micro_batch_size, d):
+        batch = {k: v.to(d.device) for k, v in make_batch(shards, [rows[i] for i in idx], cfg.seq_len,
+                                                            cfg.packing).items()}
         lp = model(**batch)
-        nll -= lp.sum().item()
-        count += int((batch["targets"] != -100).sum())
+        if real:
+            nll -= lp.sum().item()
+            count += int((batch["targets"] != -100).sum())
     model.train()
     nll, count = common.all_reduce_sum([nll, count], d)
     return nll / max(count, 1)

@@ -37,7 +37,7 @@ def test_losses_match_their_formulas(loss_type, smoothing):
         assert rejected[i].item() == pytest.approx(beta * (pr[i] - rr[i]))
 
 
-def write_pairs(directory, n_train=48, n_test=16, vocab=512, seed=0):
+def write_pairs(directory, n_train=48, n_test=15, vocab=512, seed=0):
     # Chosen answers draw from a few "good" tokens, rejected ones from "bad" tokens: a preference that
     # generalizes to held-out pairs after a few steps.
     rng = np.random.default_rng(seed)
@@ -69,6 +69,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
 def dpo_args(root, out, **kw):
     base = dict(init_from=root / "sft", data_dir=root / "data", out_dir=out, beta=0.1, lr=1e-3, warmup_ratio=0.0,
                 lr_schedule="constant", global_batch_size=8, micro_batch_size=2, max_steps=4, eval_every=4,
+                eval_pairs=13,
                 ckpt_every=0, export_dtype="float32")
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -87,10 +88,11 @@ def assert_same_run(a, b, rel=1e-5):
             assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-6), (k, x, y)
     wa = Mistral.from_pretrained(os.path.join(a, "hf"), dtype=torch.float32).state_dict()
     wb = Mistral.from_pretrained(os.path.join(b, "hf"), dtype=torch.float32).state_dict()
-    # Weights: Adam divides by sqrt(v), so a last-bit difference in a near-zero gradient (summation order
-    # differs between the runs) moves a weight by up to a fraction of lr. 1e-5 is 1% of one step at lr 1e-3.
+    # Weights: Adam divides by sqrt(v), so last-bit differences in near-zero gradients (summation order
+    # differs between the runs) move a weight by a small fraction of lr. 5e-5 is 5% of one step at lr 1e-3;
+    # a wrong gradient scale or a missed micro-batch moves weights by ~lr.
     for name in wa:
-        assert (wa[name] - wb[name]).abs().max().item() <= 1e-5, name
+        assert (wa[name] - wb[name]).abs().max().item() <= 5e-5, name
 
 
 @pytest.fixture(scope="module")

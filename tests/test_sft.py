@@ -38,7 +38,7 @@ def data_dir(tmp_path_factory):
 def sft_args(data_dir, out_dir, tokenizer, **kw):
     base = dict(init_from="scratch", model_preset="tiny", tokenizer=tokenizer, data_dir=data_dir, out_dir=out_dir,
                 seq_len=64, global_batch_size=8, micro_batch_size=2, max_steps=5, lr=3e-3, warmup_ratio=0.2,
-                eval_every=5, eval_rows=8, ckpt_every=0, export_dtype="float32")
+                eval_every=5, eval_rows=7, ckpt_every=0, export_dtype="float32")
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
 

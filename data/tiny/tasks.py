@@ -317,3 +317,15 @@ def answer_correct(prompt, answer):
     if m:
         a = m.group(1).strip()
     return a.lower() == parse_prompt(prompt)[2].lower()
+
+
+def graded_judge(prompt, answer):
+    """
+    judge() plus partial credit below 0.1 for closeness to the correct answer (difflib's ratio). Only for
+    plumbing tests (run.sh's QUICK mode): a model trained for seconds answers nothing right, so the exact
+    judge ties every answer at 0 and no pair survives binarization. Never used for the reported numbers.
+    """
+    import difflib
+    exact = judge(prompt, answer)
+    return exact if exact > 0 else 0.1 * difflib.SequenceMatcher(None, _normalize(answer),
+                                                                 parse_prompt(prompt)[2]).ratio()

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO.
+#
+#   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
+#   bash run.sh zephyr-7b   the paper's recipe on a GPU node (paths from the environment, see below)
+#
+# Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root).
+set -euo pipefail
+cd "$(dirname "$0")"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+recipe="${1:-}"
+shift || true
+start=$(date +%s)
+say() { echo; echo "=== $*"; }
+run() { echo "+ $*"; "$@"; }
+
+tiny() {
+  local seed="${SEED:-0}" nproc="${NPROC:-2}" out="${OUT:-out/tiny}"
+  local tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  # Ranks share the cores: one thread each.
+  export OMP_NUM_THREADS=$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))
+  # QUICK=1 (the CI test) shortens every stage; the numbers are then meaningless, the plumbing is not.
+  local sft_extra=() fb_extra=() dpo_extra=() ev_extra=() data_extra=()
+  if [ "${QUICK:-0}" = 1 ]; then
+    data_extra=(--n_sft 2000 --n_sft_test 64 --n_feedback 64 --n_eval 32)
+    sft_extra=(--max_steps=30 --eval_every=15 --ckpt_every=15)
+    fb_extra=(--answers_per_member=4 --max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)
+    dpo_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
+    ev_extra=(--max_new_tokens=24)
+  fi
+
+  say "1/6 data: generated tasks, tokenizer, SFT shards"
+  run python data/tiny/prepare.py --out "$out/data" --seed "$seed" "${data_extra[@]}"
+  run python data/ultrachat/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/sft" \
+      --train "$out/data/sft_train.jsonl" --test "$out/data/sft_test.jsonl"
+
+  say "2/6 dSFT of a tiny Mistral from random init"
+  run "${tr[@]}" sft.py config/sft_tiny.json --seed="$seed" --tokenizer="$out/data/tokenizer.model" \
+      --data_dir="$out/data/sft" --out_dir="$out/sft" "${sft_extra[@]}"
+
+  say "3/6 AI feedback: the SFT model samples answers, the tasks' judge rates them, binarization"
+  run "${tr[@]}" feedback.py config/feedback_tiny.json --seed="$seed" --prompts="$out/data/feedback_prompts.jsonl" \
+      --models="$out/sft/hf" --out_dir="$out/feedback" --resume=false "${fb_extra[@]}"
+  run python data/tiny/report.py split "$out/feedback/pairs.jsonl" "$out/data/pairs_jsonl"
+  run python data/ultrafeedback/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/pairs" \
+      --train "$out/data/pairs_jsonl/train.jsonl" --test "$out/data/pairs_jsonl/test.jsonl" \
+      --max_prompt_length 128 --max_length 256
+
+  say "4/6 dDPO from the SFT model"
+  run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/sft/hf" --data_dir="$out/data/pairs" \
+      --out_dir="$out/dpo" "${dpo_extra[@]}"
+
+  say "5/6 greedy evaluation of both models on held-out prompts"
+  for stage in sft dpo; do
+    run "${tr[@]}" feedback.py config/feedback_tiny.json --prompts="$out/data/eval_prompts.jsonl" \
+        --models="$out/$stage/hf" --out_dir="$out/eval_$stage" --answers_per_member=1 --temperature=0 \
+        --resume=false "${ev_extra[@]}"
+  done
+
+  say "6/6 summary"
+  run python data/tiny/report.py summary "$out" --seconds "$(( $(date +%s) - start ))"
+}
+
+zephyr_7b() {
+  # The paper's recipe (REFERENCE.md) on one node of GPUs; several nodes: run sft.py / dpo.py under your
+  # launcher's torchrun with --nnodes (README).
+  local nproc="${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}" out="${OUT:-out/zephyr-7b}"
+  local missing=()
+  [ -n "${MISTRAL_DIR:-}" ] && [ -f "${MISTRAL_DIR}/config.json" ] && [ -f "${MISTRAL_DIR}/tokenizer.model" ] \
+    || missing+=("MISTRAL_DIR: a Mistral-7B-v0.1 directory with config.json, tokenizer.model and *.safetensors (now '${MISTRAL_DIR:-}')")
+  [ -n "${ULTRACHAT_DIR:-}" ] && ls "${ULTRACHAT_DIR}"/data/train_sft-*.parquet >/dev/null 2>&1 \
+    || missing+=("ULTRACHAT_DIR: ultrachat_200k as downloaded, with data/train_sft-*.parquet (now '${ULTRACHAT_DIR:-}')")
+  [ -n "${ULTRAFEEDBACK_DIR:-}" ] && ls "${ULTRAFEEDBACK_DIR}"/data/train_prefs-*.parquet >/dev/null 2>&1 \
+    || missing+=("ULTRAFEEDBACK_DIR: ultrafeedback_binarized as downloaded, with data/train_prefs-*.parquet (now '${ULTRAFEEDBACK_DIR:-}')")
+  ls "${MISTRAL_DIR:-/nonexistent}"/*.safetensors >/dev/null 2>&1 || missing+=("MISTRAL_DIR: no *.safetensors weights")
+  python -c "import pyarrow" 2>/dev/null || missing+=("pyarrow (pip install pyarrow): the datasets are parquet files")
+  [ "$nproc" -ge 1 ] 2>/dev/null || missing+=("GPUs: nvidia-smi lists none; set NPROC")
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "run.sh zephyr-7b: cannot start, missing:" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    exit 2
+  fi
+  local tr=(torchrun --standalone --nproc_per_node="$nproc")
+  say "1/4 tokenize ultrachat_200k and ultrafeedback_binarized"
+  run python data/ultrachat/prepare.py --tokenizer "$MISTRAL_DIR/tokenizer.model" --input "$ULTRACHAT_DIR" \
+      --out "$out/data/ultrachat" --workers 8
+  run python data/ultrafeedback/prepare.py --tokenizer "$MISTRAL_DIR/tokenizer.model" --input "$ULTRAFEEDBACK_DIR" \
+      --out "$out/data/ultrafeedback" --workers 8
+  say "2/4 dSFT (resumes from its last checkpoint if interrupted)"
+  run "${tr[@]}" sft.py config/sft_public.json --init_from="$MISTRAL_DIR" --data_dir="$out/data/ultrachat" \
+      --out_dir="$out/sft" --resume=true
+  say "3/4 AI feedback: optional here; ultrafeedback_binarized is that stage's public output (feedback.py)"
+  say "4/4 dDPO"
+  run "${tr[@]}" dpo.py config/dpo_public.json --init_from="$out/sft/hf" --data_dir="$out/data/ultrafeedback" \
+      --out_dir="$out/dpo" --resume=true
+  echo "done in $(( $(date +%s) - start )) s: $out/dpo/hf loads in transformers and vLLM (README)"
+}
+
+case "$recipe" in
+  tiny) tiny ;;
+  zephyr-7b) zephyr_7b ;;
+  *) echo "usage: bash run.sh tiny | zephyr-7b" >&2; exit 2 ;;
+esac
