@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 recipe="${1:-}"
 shift || true
 start=$(date +%s)
-say() { echo; echo "=== $*"; }
+say() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
 run() { echo "+ $*"; "$@"; }
 
 tiny() {
