@@ -91,11 +91,16 @@ def parse_config(cls, argv):
 def write_json(path, obj):
     # Atomic: a reader sees the old file or the new one, never half of one.
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no half-written temporary behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -274,18 +279,28 @@ def save_train_checkpoint(ckpt_dir, step, model, optimizer, d, state, config, ke
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    write_json(os.path.join(tmp, f"train_state_rank{d.rank}.json"), {**state, "rng": _rng_state()})
-    dist.barrier()
+    try:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        write_json(os.path.join(tmp, f"train_state_rank{d.rank}.json"), {**state, "rng": _rng_state()})
+        dist.barrier()
+        if d.main:
+            files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+            write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": d.world, "files": files,
+                                                        "config": dataclasses.asdict(config), "time": time.time()})
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(ckpt_dir)
+    except BaseException as e:  # e.g. a full disk (DCP wraps errors in CheckpointException, a BaseException)
+        # The torn step_N.tmp would never be listed: remove it, to free the space.
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = list_checkpoints(ckpt_dir)
+        e.add_note(f"checkpoint {final} was not written (its temporary directory is removed); the last complete "
+                   f"checkpoint is {last[-1] if last else 'none'}")
+        raise
     if d.main:
-        files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-        write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": d.world, "files": files,
-                                                    "config": dataclasses.asdict(config), "time": time.time()})
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old)
     dist.barrier()
@@ -413,7 +428,12 @@ def flops_per_token(cfg, seq_len):
 def start_or_resume(cfg, model, optimizer, d):
     """Returns (first step, last good checkpoint or None). With cfg.resume, continue from the newest
     complete checkpoint in out_dir/ckpt; a torn one (no meta.json, or sizes that disagree) is skipped."""
-    ckpts = list_checkpoints(os.path.join(cfg.out_dir, "ckpt"))
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    ckpts = list_checkpoints(ckpt_dir)
+    torn = sorted(set(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir) if n.startswith("step_"))
+                  - set(ckpts)) if os.path.isdir(ckpt_dir) else []
+    if cfg.resume and torn and d.main:
+        print(f"--resume: ignoring incomplete checkpoints (killed while writing?): {', '.join(torn)}")
     if cfg.resume and ckpts:
         state = load_train_checkpoint(ckpts[-1], model, optimizer, d)
         if d.main:
@@ -459,7 +479,7 @@ def finish(model, mcfg, cfg, d, tokenizer):
     if d.main:
         write_json(os.path.join(hf_dir, "train_config.json"), dataclasses.asdict(cfg))
         print(f"exported {hf_dir}")
-    dist.destroy_process_group()
+    shutdown()
 
 
 def load_tokenizer(path, mcfg):
@@ -480,9 +500,17 @@ def end_of_step(cfg, step, total_steps, model, optimizer, d, log, last_ckpt):
     if step == cfg.stop_after and step < total_steps:
         log.print(f"stopping after step {step} as asked; continue with --resume=true")
         log.close()
-        dist.destroy_process_group()
+        shutdown()
         return last_ckpt, True
     return last_ckpt, False
+
+
+def shutdown():
+    # Every rank reaches the barrier before any tears gloo down: a rank that destroyed the group while its
+    # peer was still finishing a write was seen to abort at exit ("terminate called without an active
+    # exception") after the run had completed.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def broadcast_object(obj, d):

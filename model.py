@@ -537,18 +537,27 @@ class CheckpointReader:
             self.files = None
             self.single = single
         else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                    "(only safetensors weights are loaded: .bin/.pt files can run code)")
+            pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+            what = os.path.join(path, pickled[0]) if pickled else path
+            raise FileNotFoundError(f"{what}: refused: weights load only from safetensors (model.safetensors or "
+                                    "model.safetensors.index.json); pickled .bin/.pt files can run code when read")
         self._handles = {}
         if self.files is None:
             self.files = {name: single for name in self._open(single).keys()}
         for fn in sorted(set(self.files.values())):
+            if not fn.endswith(".safetensors"):
+                raise ValueError(f"{index}: shard {os.path.basename(fn)} is not a .safetensors file; only "
+                                 "safetensors weights are loaded (pickled .bin/.pt files can run code when read)")
             if not os.path.exists(fn):
                 raise FileNotFoundError(f"{path}: shard {os.path.basename(fn)} named in the index is missing")
         self.names = sorted(self.files)
 
     def _open(self, fn):
         if fn not in self._handles:
+            declared, actual = _safetensors_size(fn), os.path.getsize(fn)
+            if declared is not None and declared != actual:
+                raise ValueError(f"{fn}: truncated or damaged: its header declares {declared} bytes, the file "
+                                 f"has {actual} (an interrupted copy or export?)")
             try:
                 self._handles[fn] = safe_open(fn, framework="pt")
             except Exception as e:
@@ -584,6 +593,20 @@ class CheckpointReader:
                 raise ValueError(f"{self.files[name]}: tensor {name} has shape {got}, the config says {shp}")
 
 
+def _safetensors_size(fn):
+    # The size a safetensors file's header declares: 8 bytes (header length), the JSON header, then the
+    # tensors' data up to the largest end offset. None where the header itself cannot be read.
+    try:
+        with open(fn, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100 * 2**20:  # safetensors' own limit on the header
+                return None
+            header = json.loads(f.read(n))
+        return 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+
+
 def _atomic_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -603,6 +626,9 @@ def save_checkpoint(path, cfg, named_tensors, tokenizer=None, max_shard_bytes=5 
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by an export that was killed midway
+        if stale.startswith(os.path.basename(path) + ".tmp-"):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         shards, current, size, total = [], {}, 0, 0
@@ -649,6 +675,7 @@ def save_checkpoint(path, cfg, named_tensors, tokenizer=None, max_shard_bytes=5 
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        e.add_note(f"export to {path} failed: its partial files are removed and {path} is as it was before")
         raise
