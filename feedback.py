@@ -160,9 +160,14 @@ def read_rows(path):
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path} row {i + 1}", row, None
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: one line of invalid UTF-8 is that line's problem, not the file's
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{n}", None, f"not valid UTF-8 (byte {e.start + 1})"
                 continue
             try:
                 yield f"{path}:{n}", json.loads(line), None

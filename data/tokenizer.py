@@ -74,8 +74,12 @@ def check_messages(messages):
                 raise ValueError(f"messages[{i}]['{field}']: missing")
             if not isinstance(m[field], str):
                 raise ValueError(f"messages[{i}]['{field}']: expected a string, got {type(m[field]).__name__}")
+            try:
+                m[field].encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, e.g. a JSON-escaped "\ud800"
+                raise ValueError(f"messages[{i}]['{field}']: not valid Unicode (lone surrogate at {e.start})") from None
         if m["role"] not in ROLES:
-            raise ValueError(f"messages[{i}]['role']: expected one of {ROLES}, got {m['role']!r}")
+            raise ValueError(f"messages[{i}]['role']: expected one of {ROLES}, got {m['role']!r:.40}")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"messages[{i}]['role']: a system message may only come first")
 

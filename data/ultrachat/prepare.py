@@ -152,6 +152,10 @@ def check_row(row):
         if not isinstance(m["content"], str):
             raise BadRow("content_not_a_string", f"messages[{i}]['content']: expected a string, "
                                                  f"got {type(m['content']).__name__}")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a JSON-escaped lone surrogate ("\ud800") decodes to such a str
+            raise BadRow("invalid_unicode", f"messages[{i}]['content']: lone surrogate at {e.start}") from None
         if m["role"] == "system" and i > 0:
             raise BadRow("system_not_first", f"messages[{i}]['role']: a system message may only come first")
     if not any(m["role"] == "assistant" for m in messages):
