@@ -447,7 +447,7 @@ class Mistral(nn.Module):
         cache = KVCache(self.config, B, max_len or P + max_new_tokens, dev, self.lm_head.weight.dtype)
         pos = (ok.long().cumsum(-1) - 1).clamp(min=0)                     # (B, P)
         # Prefill: the LM head on the last position only ((B, P, V) logits would be GBs for long prompts).
-        logits = self.lm_head(self.hidden_states(ids, position_ids=pos, attention_mask=ok, cache=cache)[:, -1])
+        logits = self._head(self.hidden_states(ids, position_ids=pos, attention_mask=ok, cache=cache)[:, -1])
         next_pos = pos[:, -1:] + 1                                         # (B, 1)
         out = torch.empty(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -458,7 +458,7 @@ class Mistral(nn.Module):
             done = done | (tok == eos_id)
             if bool(done.all()):
                 break
-            logits = self.forward(tok[:, None], position_ids=next_pos, cache=cache)[:, -1]
+            logits = self._head(self.hidden_states(tok[:, None], position_ids=next_pos, cache=cache)[:, -1])
             next_pos = next_pos + 1
         results = []
         for row in out.tolist():
@@ -466,6 +466,13 @@ class Mistral(nn.Module):
                 row = row[:row.index(eos_id) + 1]
             results.append(row)
         return results
+
+    def _head(self, h):
+        # Decode-time LM head, h (B, D) -> (B, V). On CPU, BLAS runs the short-and-wide h @ W.T at a fraction
+        # of its speed (~8 GFLOP/s for B=8, V=32000); the same product as the tall (W @ h.T).T is ~3x faster.
+        if h.is_cuda:
+            return self.lm_head(h)
+        return (self.lm_head.weight @ h.T).T
 
     # -------------------------------------------------------------------------
     # Checkpoints
