@@ -16,3 +16,4 @@ with torch.no_grad():
 if d.main:
     np.save(logits_path, logits.float().numpy())
 common.export_hf(model, cfg, out, d, dtype=torch.float32)
+common.shutdown()  # barrier, then tear gloo down: exiting with the group alive can abort at exit
