@@ -69,7 +69,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/ultrachat/clean.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.tokenizer import _umask, atomic_write
-from data.ultrachat.prepare import BLOCK, BadRow, DataError, describe_file, iter_rows
+from data.ultrachat.prepare import BadRow, DataError, describe_file, iter_rows, parquet_rows
 
 DEFAULT_PHRASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusal_phrases.txt")
 KEEP_BAD_MESSAGES = 100  # the first bad-row messages are kept in the stats too
@@ -497,24 +497,11 @@ _COLUMNS = ("id", "data", "prompt", "prompt_id", "messages")
 
 
 def _parquet_rows(path):
-    """prepare.iter_rows reads only `messages` from a parquet file; raw UltraChat has `data` instead."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                        "or give the data as .jsonl") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    columns = [c for c in pf.schema_arrow.names if c in _COLUMNS]
-    if "data" not in columns and "messages" not in columns:
-        raise DataError(f"{path}: no 'data' or 'messages' column (columns: {', '.join(pf.schema_arrow.names)})")
-    row_number = 0
-    for batch in pf.iter_batches(batch_size=BLOCK, columns=columns):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row_number, {k: v for k, v in row.items() if v is not None}
+    # Raw UltraChat has `data` where ultrachat_200k has `messages`; absent (null) fields are dropped.
+    def check(names):
+        return None if "data" in names or "messages" in names else "no 'data' or 'messages' column"
+    for row_number, row in parquet_rows(path, _COLUMNS, check):
+        yield row_number, {k: v for k, v in row.items() if v is not None}
 
 
 def read_files(paths):

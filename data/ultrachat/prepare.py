@@ -104,7 +104,10 @@ def _json_list_rows(path):
     yield from enumerate(rows, 1)
 
 
-def _parquet_rows(path):
+def parquet_rows(path, columns, check_columns):
+    """(row number, row dict) for the wanted `columns` of a parquet file that it has, read a batch at a time
+    (unread columns would only cost memory). check_columns(names) returns what is wrong with the file's
+    columns, or None. Shared by every reader of parquet data in data/."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -115,14 +118,19 @@ def _parquet_rows(path):
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
-    if "messages" not in names:
-        raise DataError(f"{path}: no 'messages' column (columns: {', '.join(names)})")
+    problem = check_columns(names)
+    if problem:
+        raise DataError(f"{path}: {problem} (columns: {', '.join(names)})")
     row_number = 0
-    # Only the one column, a batch at a time: the other columns (prompt) would double the memory for nothing.
-    for batch in pf.iter_batches(batch_size=BLOCK, columns=["messages"]):
-        for messages in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(batch_size=BLOCK, columns=[c for c in columns if c in names]):
+        for row in batch.to_pylist():
             row_number += 1
-            yield row_number, {"messages": messages}  # a null cell comes as None, reported as missing
+            yield row_number, row  # a null cell comes as None, reported as missing by the caller's checks
+
+
+def _parquet_rows(path):
+    # Only `messages`: the other columns (prompt) would double the memory for nothing.
+    return parquet_rows(path, ["messages"], lambda names: None if "messages" in names else "no 'messages' column")
 
 
 # -----------------------------------------------------------------------------

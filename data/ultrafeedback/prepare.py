@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as `python data/ultrafeedback/prepare.py`: 
 from data.shards import ShardWriter
 from data.tokenizer import Tokenizer, atomic_write, check_messages
 from data.ultrachat.prepare import (BLOCK, KEEP_BAD_MESSAGES, BadRow, DataError, describe_file, hub_files,
-                                    iter_rows, load_tokenizer)
+                                    iter_rows, load_tokenizer, parquet_rows)
 
 COLUMNS = ("prompt_id", "chosen", "rejected", "score_chosen", "score_rejected")
 
@@ -64,26 +64,11 @@ def read_rows(path):
 
 
 def _parquet_rows(path):
-    # data/ultrachat/prepare.py's parquet reader reads only its `messages` column, so not that one here.
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
-                        "or give the data as .jsonl") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in COLUMNS if c not in names]
-    if missing:
-        raise DataError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(names)})")
-    row_number = 0
-    # Only the columns we use, a batch at a time: `messages` repeats `chosen` and would double the memory.
-    for batch in pf.iter_batches(batch_size=BLOCK, columns=list(COLUMNS)):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row_number, row  # a null cell comes as None, reported as missing
+    # Only the columns we use: `messages` repeats `chosen` and would double the memory.
+    def check(names):
+        missing = [c for c in COLUMNS if c not in names]
+        return f"no column {', '.join(map(repr, missing))}" if missing else None
+    return parquet_rows(path, COLUMNS, check)
 
 
 # -----------------------------------------------------------------------------
