@@ -32,29 +32,20 @@ was half written is recomputed whole and only its missing prompts are appended. 
 raw.jsonl and pairs.jsonl do not depend on restarts or on the number of ranks.
 """
 
-import concurrent.futures
-import dataclasses
-import glob
+import functools
 import hashlib
-import http.client
-import importlib
-import json
 import os
 import random
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 import common
-from data.tokenizer import Tokenizer, check_messages, render_chat
-from model import Mistral
+from common import Endpoint, LocalModel, load_client, parse_spec, read_rows, seed_of
+from data.tokenizer import check_messages, render_chat, write_jsonl
 
 
 @dataclass
@@ -144,35 +135,8 @@ def group_rating_prompt(context, answers, aspect):
             "and a short rationale after it if you like.")
 
 
-def seed_of(*keys):
-    # A 63-bit seed from any keys, the same in every process (Python's hash() is salted per process).
-    return int.from_bytes(hashlib.sha256("/".join(map(str, keys)).encode()).digest()[:8], "little") >> 1
-
-
 # -----------------------------------------------------------------------------
 # Prompts
-
-
-def read_rows(path):
-    """(where, row, error) per row of a .jsonl or .parquet file; `where` is file:line or file row N."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq  # only for parquet input
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {i + 1}", row, None
-        return
-    with open(path, "rb") as f:  # bytes: one line of invalid UTF-8 is that line's problem, not the file's
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{path}:{n}", None, f"not valid UTF-8 (byte {e.start + 1})"
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line), None
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", None, f"not valid JSON ({e.msg} at column {e.colno})"
 
 
 def parse_prompt_row(row, default_source):
@@ -228,152 +192,19 @@ def read_prompts(path, strict=False, max_prompts=-1):
 
 
 # -----------------------------------------------------------------------------
-# Models: local checkpoints, OpenAI-compatible endpoints, Python functions
-
-FUNCTION_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# Local judges: which token is each rating digit
 
 
-def parse_spec(spec, field):
-    """'PATH', 'URL|model=..|key_env=..|name=..' or 'module:function' -> dict(kind, target, options...)."""
-    head, *opts = spec.strip().split("|")
-    options = {}
-    for o in opts:
-        key, eq, value = o.partition("=")
-        if not eq or key not in ("model", "key_env", "name"):
-            raise ValueError(f"config {field}: {spec!r}: option {o!r} is not model=, key_env= or name=")
-        options[key] = value
-    if head.startswith(("http://", "https://")):
-        if "model" not in options:
-            raise ValueError(f"config {field}: {spec!r}: an endpoint needs |model=NAME")
-        kind = "endpoint"
-    elif FUNCTION_RE.fullmatch(head) and not os.path.isdir(head):
-        kind = "function"
-    elif not os.path.isfile(os.path.join(head, "config.json")):
-        raise ValueError(f"config {field}: {spec!r} is not a Hugging Face directory (no {head}/config.json), an "
-                         "http(s) URL or module:function")
-    else:
-        kind = "local"
-    return dict(kind=kind, target=head, name=options.get("name") or options.get("model") or head, **options)
-
-
-class LocalModel:
-    def __init__(self, path, device, dtype):
-        self.model = Mistral.from_pretrained(path, dtype=dtype, device=device).eval()
-        self.tok = Tokenizer.from_pretrained(path)
-        if self.tok.vocab_size != self.model.config.vocab_size:
-            raise ValueError(f"{path}/tokenizer.model has {self.tok.vocab_size} pieces, {path}/config.json says "
-                             f"vocab_size={self.model.config.vocab_size}")
-        self.path, self.device, self.max_len = path, device, self.model.config.max_position_embeddings
-        self._digits = None
-
-    def generate(self, chats, max_new_tokens, temperature, top_p, generator):
-        """One batched model.generate over the rendered chats -> per chat dict(text, finish_reason, tokens, error)."""
-        ids = [self.tok.encode_chat(c, add_generation_prompt=True)[0] for c in chats]
-        fit = [i for i, x in enumerate(ids) if len(x) + max_new_tokens <= self.max_len]
-        out = [failure(f"prompt of {len(x)} tokens + {max_new_tokens} new ones exceeds max_position_embeddings="
-                       f"{self.max_len} of {self.path}") for x in ids]  # replaced below where it fits
-        if fit:
-            new = self.model.generate([ids[i] for i in fit], max_new_tokens, temperature=temperature,
-                                      top_p=top_p if top_p < 1.0 else None, generator=generator,
-                                      eos_id=self.tok.eos_id, pad_id=self.tok.pad_id)
-            for i, row in zip(fit, new):
-                stop = bool(row) and row[-1] == self.tok.eos_id
-                out[i] = dict(text=self.tok.decode(row[:-1] if stop else row), tokens=len(row), error=None,
-                              finish_reason="stop" if stop else "length")
-        return out
-
-    def digit_ids(self):
-        """Ids of "1".."5" as the token after RATING_PREFIX in the judge's reply. Each must be a single token after
-        a shared context, or its next-token probability would not be that of the rating."""
-        if self._digits is None:
-            base = render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True) + RATING_PREFIX
-            enc = [self.tok.encode(base + k, bos=True) for k in DIGITS]
-            if any(len(e) != len(enc[0]) or e[:-1] != enc[0][:-1] for e in enc):
-                raise ValueError(f"{self.path}: this tokenizer does not give each rating digit after "
-                                 f"{RATING_PREFIX!r} as one token; use judge_mode=parse")
-            self._digits = [e[-1] for e in enc]
-        return self._digits
-
-
-def failure(error):
-    return dict(text=None, finish_reason=None, tokens=0, error=error)
-
-
-class Endpoint:
-    """An OpenAI-compatible chat-completions server. Transient failures (timeouts, connection errors, HTTP
-    408/409/429/5xx, replies that are not a chat completion) are retried with exponential backoff, then
-    returned as a failure; HTTP 401/403 stops the run, since no request could succeed."""
-
-    def __init__(self, url, model, key_env, cfg):
-        self.url, self.model, self.key_env = url.rstrip("/") + "/chat/completions", model, key_env
-        self._key = os.environ.get(key_env) if key_env else None
-        if key_env and not self._key:
-            raise ValueError(f"config: the environment variable {key_env} (key_env of {url}) is not set")
-        self.timeout, self.attempts, self.backoff, self.concurrency = (cfg.request_timeout, cfg.max_attempts,
-                                                                       cfg.backoff_s, cfg.concurrency)
-
-    def __repr__(self):  # never shows the key
-        return f"Endpoint({self.url}, model={self.model})"
-
-    def chat(self, messages, temperature, top_p, max_tokens):
-        payload = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                              "top_p": top_p, "max_tokens": max_tokens}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        error = "no attempt made"
-        for attempt in range(self.attempts):
-            if attempt:
-                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
-            try:
-                req = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                if e.code in (401, 403):
-                    raise PermissionError(f"{self.url}: HTTP {e.code}: the endpoint refuses the key in "
-                                          f"${self.key_env}") from None
-                error = f"HTTP {e.code} {e.reason}"
-                if e.code < 500 and e.code not in (408, 409, 429):
-                    break  # a bad request stays bad
-                continue
-            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets are OSErrors
-                error = f"{type(e).__name__}: {e}"
-                continue
-            try:
-                body = json.loads(raw)
-                choice = body["choices"][0]
-                text = choice["message"]["content"]
-                if not isinstance(text, str):
-                    raise TypeError
-            except (ValueError, KeyError, IndexError, TypeError):
-                error = f"reply is not a chat completion: {raw[:200]!r}"
-                continue
-            tokens = (body.get("usage") or {}).get("completion_tokens") or 0
-            return dict(text=text, finish_reason=choice.get("finish_reason"), tokens=int(tokens), error=None)
-        return failure(f"{error} (after {attempt + 1} attempts)")
-
-    def chat_many(self, conversations, temperature, top_p, max_tokens):
-        # In parallel; results in input order.
-        with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda m: self.chat(m, temperature, top_p, max_tokens), conversations))
-
-
-def load(spec, cfg, d, loaded):
-    # Local checkpoints are loaded once per rank, even when the same one is a member and the judge.
-    if spec["kind"] == "endpoint":
-        return Endpoint(spec["target"], spec["model"], spec.get("key_env"), cfg)
-    if spec["kind"] == "function":
-        module, name = spec["target"].split(":")
-        fn = getattr(importlib.import_module(module), name, None)
-        if not callable(fn):
-            raise ValueError(f"config judge: {module} has no function {name}")
-        return fn
-    if spec["target"] not in loaded:
-        dtype = torch.float32 if d.device.type == "cpu" else torch.bfloat16
-        loaded[spec["target"]] = LocalModel(spec["target"], d.device, dtype if cfg.dtype == "auto" else
-                                            getattr(torch, cfg.dtype))
-    return loaded[spec["target"]]
+@functools.cache
+def digit_ids(judge):
+    """Ids of "1".."5" as the token after RATING_PREFIX in a local judge's reply. Each must be a single token after
+    a shared context, or its next-token probability would not be that of the rating."""
+    base = render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True) + RATING_PREFIX
+    enc = [judge.tok.encode(base + k, bos=True) for k in DIGITS]
+    if any(len(e) != len(enc[0]) or e[:-1] != enc[0][:-1] for e in enc):
+        raise ValueError(f"{judge.path}: this tokenizer does not give each rating digit after {RATING_PREFIX!r} as "
+                         "one token; use judge_mode=parse")
+    return [e[-1] for e in enc]
 
 
 # -----------------------------------------------------------------------------
@@ -409,11 +240,8 @@ def write_answers(batch, batch_idx, members, cfg, device):
         if not jobs:
             continue
         chats = [answer_chat(batch[p], plans[p][a][1]) for p, a in jobs]
-        if isinstance(runner, Endpoint):
-            results = runner.chat_many(chats, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-        else:
-            gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, "sample", batch_idx, m))
-            results = runner.generate(chats, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen)
+        gen = torch.Generator(device=device).manual_seed(seed_of(cfg.seed, "sample", batch_idx, m))
+        results = runner.generate(chats, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen)
         for (p, a), r in zip(jobs, results):
             completions[p][a] = {"model": spec["name"], "principle": plans[p][a][1], "response": r["text"],
                                  "finish_reason": r["finish_reason"], "error": r["error"], "annotations": {}}
@@ -460,7 +288,7 @@ def rate_local(judge, batch, completions, batch_idx, cfg):
              for p, c, a in items]
     results = [None] * len(items)
     if cfg.judge_mode == "digits":
-        digits = judge.digit_ids()
+        digits = digit_ids(judge)
         seqs = [judge.tok.encode(render_chat(ch, add_generation_prompt=True) + RATING_PREFIX + DIGITS[0], bos=True)
                 for ch in chats]
         if any(s[-1] != digits[0] for s in seqs):
@@ -506,7 +334,7 @@ def rate_endpoint(judge, batch, completions, cfg):
             requests.append((p, a, order))
             chats.append([{"role": "user", "content": group_rating_prompt(
                 batch[p]["context"], [comps[c]["response"] for c in order], a)}])
-    replies = judge.chat_many(chats, cfg.judge_temperature, 1.0, cfg.judge_max_tokens)
+    replies = judge.generate(chats, cfg.judge_max_tokens, cfg.judge_temperature, 1.0)
     for (p, a, order), reply in zip(requests, replies):
         ratings = {}
         for m in GROUP_RE.finditer(reply["text"] or ""):
@@ -564,73 +392,9 @@ def binarize(row, context, seed):
             "score_rejected": rejected["mean_score"]}, "pair"
 
 
-# -----------------------------------------------------------------------------
-# Part files: the resume state
-
-
-def read_part(path, own):
-    """Records of one part file. A torn last line (no newline: the writer was killed mid-line) is cut off when
-    the file is this rank's own, and ignored otherwise; a bad complete line is damage, named."""
-    with open(path, "rb") as f:
-        data = f.read()
-    *lines, tail = data.split(b"\n")
-    records = []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e}); the part file is damaged") from None
-    if tail and own:
-        os.truncate(path, len(data) - len(tail))
-        print(f"{path}: cut off a torn last line of {len(tail)} bytes (an interrupted write)", flush=True)
-    return records
-
-
-def read_parts(parts_dir, prompts, rank=None):
-    """{index: record} over every rank's part file (a run may be resumed with another number of ranks)."""
-    done = {}
-    for path in sorted(glob.glob(os.path.join(parts_dir, "rank*.jsonl"))):
-        for n, rec in enumerate(read_part(path, own=path.endswith(f"rank{rank}.jsonl")), 1):
-            i = rec.get("index") if isinstance(rec, dict) else None
-            if not isinstance(i, int) or "prompt_id" not in rec:
-                raise ValueError(f"{path}:{n}: expected a record with 'index' and 'prompt_id'; the part file is damaged")
-            if i >= len(prompts) or prompts[i]["prompt_id"] != rec["prompt_id"]:
-                raise ValueError(f"{path}:{n}: prompt {i} ({rec['prompt_id']}) is not the input's prompt {i}: the "
-                                 "prompts changed since the run began; use --resume=false to start over")
-            done.setdefault(i, rec)
-    return done
-
-
-def check_resumable(cfg):
-    path = os.path.join(cfg.out_dir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    now = dataclasses.asdict(cfg)
-    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
-    if diff:
-        raise ValueError(f"{path}: this run directory was made with other settings ({'; '.join(diff)}); resuming "
-                         "would mix results. Use another out_dir, or --resume=false to start over")
-
-
-def write_jsonl(path, rows):
-    # Atomic: temp file, fsync, rename.
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def merge(cfg, prompts, malformed, run_stats):
     """Rank 0, after every rank is done: raw.jsonl and pairs.jsonl in input order, and summary.json."""
-    done = read_parts(os.path.join(cfg.out_dir, "parts"), prompts)
-    missing = [i for i in range(len(prompts)) if i not in done]
-    if missing:
-        raise RuntimeError(f"{cfg.out_dir}/parts: {len(missing)} prompts have no record (e.g. {missing[:3]})")
-    raw = [{k: v for k, v in done[i].items() if k != "index"} for i in range(len(prompts))]
+    raw = common.read_finished(cfg, prompts, "prompt_id")
     pairs, reasons = [], {"pair": 0, "tie": 0, "too_few_rated": 0}
     for row, prompt in zip(raw, prompts):
         pair, why = binarize(row, prompt["context"], cfg.seed)
@@ -679,98 +443,47 @@ def main(argv):
         raise ValueError("config models: a member must be a local directory or an endpoint, not module:function")
     judge_spec = parse_spec(cfg.judge, "judge")
     d = common.setup_dist(cfg.device)
-    # Ranks wait here for the slowest one; the default collective timeout is shorter than a feedback run.
-    waits = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     t_start = time.time()
     prompts, malformed = read_prompts(cfg.prompts, cfg.strict, cfg.max_prompts)
-    parts_dir = os.path.join(cfg.out_dir, "parts")
-    if cfg.resume:
-        check_resumable(cfg)
-    dist.barrier(group=waits)  # everyone has checked before rank 0 writes config.json
     if d.main:
         for line in malformed[:20]:
             print(line, file=sys.stderr)
         if len(malformed) > 20:
             print(f"... and {len(malformed) - 20} more malformed rows", file=sys.stderr)
-        os.makedirs(parts_dir, exist_ok=True)
-        if not cfg.resume:
-            for path in glob.glob(os.path.join(parts_dir, "rank*.jsonl")):
-                os.remove(path)
-        print(f"config: {dataclasses.asdict(cfg)}")
-        common.write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-    dist.barrier(group=waits)
-    done = read_parts(parts_dir, prompts, d.rank)
+        print(f"{len(prompts)} prompts ({len(malformed)} malformed rows skipped); {len(member_specs)} members, "
+              f"judge {judge_spec['kind']} {judge_spec['name']}")
 
-    # Batches are fixed slices of the input order; rank r takes batches r, r + world, ... . A batch's answers
-    # depend only on it, so neither the number of ranks nor a restart changes them.
-    def batch(j):
-        return prompts[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+    def start_worker():
+        loaded = {}
+        members = [(s, load_client(s, cfg, d, loaded)) for s in member_specs]
+        judge = load_client(judge_spec, cfg, d, loaded)
 
-    mine = range(d.rank, -(-len(prompts) // cfg.batch_size), d.world)
-    todo = [j for j in mine if any(p["index"] not in done for p in batch(j))]
-    remaining = sum(p["index"] not in done for j in todo for p in batch(j))
-    if d.main:
-        print(f"{len(prompts)} prompts ({len(malformed)} malformed rows skipped), {len(done)} already done; "
-              f"{len(member_specs)} members, judge {judge_spec['kind']} {judge_spec['name']}; {d.world} ranks")
-    loaded = {}
-    members = [(s, load(s, cfg, d, loaded)) for s in member_specs] if todo else []
-    judge = load(judge_spec, cfg, d, loaded) if todo else None
-
-    from tqdm import tqdm
-    my_total = sum(len(batch(j)) for j in mine)
-    quiet = not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1"  # as common.Logger
-    bar = tqdm(total=my_total, initial=my_total - remaining, desc=f"feedback (rank 0 of {d.world})",
-               dynamic_ncols=True, disable=not d.main or quiet)
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if d.main else None
-    tokens, gen_s, written, t0 = 0, 0.0, 0, time.time()
-    with open(os.path.join(parts_dir, f"rank{d.rank}.jsonl"), "a", encoding="utf-8") as part:
-        for j in todo:
+        def work(batch, j):
             tg = time.time()
-            completions, n_tok = write_answers(batch(j), j, members, cfg, d.device)
-            gen_s, tokens = gen_s + time.time() - tg, tokens + n_tok
+            completions, tokens = write_answers(batch, j, members, cfg, d.device)
+            gen_s = time.time() - tg
             if isinstance(judge, LocalModel):
-                rate_local(judge, batch(j), completions, j, cfg)
+                rate_local(judge, batch, completions, j, cfg)
             elif isinstance(judge, Endpoint):
-                rate_endpoint(judge, batch(j), completions, cfg)
+                rate_endpoint(judge, batch, completions, cfg)
             else:
-                rate_function(judge, batch(j), completions)
-            for prompt, comps in zip(batch(j), completions):
-                if prompt["index"] in done:
-                    continue  # a half-written batch was recomputed whole: append only what was missing
+                rate_function(judge, batch, completions)
+            records = []
+            for prompt, comps in zip(batch, completions):
                 for c in comps:
                     c["mean_score"] = mean_score(c["annotations"])
-                rec = {"index": prompt["index"], "instruction": prompt["prompt"], "source": prompt["source"],
-                       "prompt_id": prompt["prompt_id"], "completions": comps}
-                part.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                part.flush()
-                os.fsync(part.fileno())  # one prompt, once written, survives a kill
-                written += 1
-                bar.update(1)
-            rates = dict(prompts_per_s=written / (time.time() - t0), tokens_per_s=tokens / max(gen_s, 1e-9))
-            bar.set_postfix({k: f"{v:.3g}" for k, v in rates.items()}, refresh=False)
-            if metrics:
-                metrics.write(json.dumps({"batch": j, "time": round(time.time(), 3), "prompts_written": written,
-                                          "tokens": tokens, **{k: round(v, 3) for k, v in rates.items()}}) + "\n")
-                metrics.flush()
-    bar.close()
-    if metrics:
-        metrics.close()
+                records.append({"instruction": prompt["prompt"], "source": prompt["source"],
+                                "prompt_id": prompt["prompt_id"], "completions": comps})
+            return records, tokens, gen_s
+        return work
 
-    totals = torch.tensor([written, tokens, gen_s], dtype=torch.float64)
-    dist.all_reduce(totals, group=waits)  # also the wait for every rank to finish its part file
+    totals = common.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt")
     if d.main:
-        wall = time.time() - t_start
-        # Throughput of this process's run (a resumed run counts only what it did): all ranks together over the
-        # wall time, and answer generation alone per rank.
-        stats = {"prompts_this_run": int(totals[0]), "tokens_this_run": int(totals[1]), "wall_s": round(wall, 2),
-                 "prompts_per_s": round(float(totals[0]) / wall, 3), "tokens_per_s": round(float(totals[1]) / wall, 1),
-                 "generation_tokens_per_s_per_rank": round(float(totals[1]) / max(float(totals[2]), 1e-9), 1)}
-        s = merge(cfg, prompts, malformed, stats)
+        s = merge(cfg, prompts, malformed, common.run_stats(totals, time.time() - t_start, "prompt"))
         print(f"{s['pairs']} pairs from {s['prompts']} prompts ({s['ties_dropped']} ties dropped, {s['too_few_rated']} "
               f"with < 2 rated answers; {s['failed_answers']} of {s['answers']} answers failed); wrote "
               f"{cfg.out_dir}/raw.jsonl, pairs.jsonl, summary.json")
-    dist.barrier(group=waits)
-    dist.destroy_process_group()
+    common.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ The model is a plain nn.Module: sharding, mixed precision and checkpointing live
 """
 
 import json
-import math
 import os
 import shutil
 import tempfile

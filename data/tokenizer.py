@@ -19,6 +19,7 @@ every loader encodes as we do, whichever tokenizer class it picks.
 Runtime imports: sentencepiece, numpy and the standard library only.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -463,17 +464,18 @@ def _umask():
     return mask
 
 
-def atomic_write(path, data):
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
     """
-    Write `data` (bytes) to a temporary file beside `path`, fsync, then rename over it: readers see old or
-    new, never half. The file gets the mode a plain open() would give it (0666 less the umask), not
-    mkstemp's 0600.
+    A file object for a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`,
+    so readers see old or new, never half; on an error it is removed. The file gets the mode a plain open()
+    would give it (0666 less the umask), not mkstemp's 0600.
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
@@ -481,6 +483,18 @@ def atomic_write(path, data):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write(path, data):
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def write_jsonl(path, rows):
+    """Rows (any iterable, streamed) as JSON lines, atomically."""
+    with atomic_open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------

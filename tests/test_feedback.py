@@ -1,5 +1,6 @@
 # feedback.py: answers from an ensemble, ratings from a judge, Zephyr's binarization; under torchrun, through
 # failing endpoints, and across a SIGKILL. Models are tiny random Mistrals; the judge is a function of the text.
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run, torchrun
+import common
 import feedback
 from data.tokenizer import Tokenizer, render_chat
 from model import Mistral, MistralConfig
@@ -147,10 +149,11 @@ def test_killed_run_resumes_to_identical_output(one_rank, prompts_file, tiny_mod
 
 def test_resume_refuses_other_settings(tmp_path):
     cfg = feedback.Config(out_dir=str(tmp_path), models="m", judge="a:b")
-    feedback.common.write_json(str(tmp_path / "config.json"), feedback.dataclasses.asdict(cfg))
-    feedback.check_resumable(feedback.dataclasses.replace(cfg, concurrency=2, request_timeout=5.0))  # speed only
+    common.write_json(str(tmp_path / "config.json"), dataclasses.asdict(cfg))
+    speed_only = dataclasses.replace(cfg, concurrency=2, request_timeout=5.0)
+    common.check_resumable(speed_only, feedback.RESUME_FREE)
     with pytest.raises(ValueError, match=r"temperature: 1.0 -> 0.5"):
-        feedback.check_resumable(feedback.dataclasses.replace(cfg, temperature=0.5))
+        common.check_resumable(dataclasses.replace(cfg, temperature=0.5), feedback.RESUME_FREE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,14 +30,13 @@ import os
 import random
 import string
 import sys
-import tempfile
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.tiny.tasks import (CORE_TASKS, DISCLAIMER, EXTRA_TASKS, REFUSAL, SLIP_SENTENCE, TEMPLATES,  # noqa: E402
                              classify, make_task, teacher_answer)
-from data.tokenizer import EOS, render_chat, train_tokenizer  # noqa: E402
+from data.tokenizer import EOS, atomic_write, render_chat, train_tokenizer, write_jsonl  # noqa: E402
 
 # SFT mixture: the core tasks share 90%, the extra tasks (add, sub, reverse) 10%. The model stays near 0%
 # on the extras in budget, so they are there for variety, at a weight that costs the core tasks little.
@@ -83,25 +82,6 @@ def sft_row(task, answer):
 
 def prompt_row(task):
     return {"instruction": task["prompt"], "source": f"tiny/{task['task']}", "prompt_id": prompt_id(task["prompt"])}
-
-
-def write_text(path, text):
-    """Atomically: a temporary file beside `path`, fsync, rename; readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def generate(seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n_eval=500):
@@ -158,7 +138,7 @@ def write_all(out_dir, seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n
         "teacher_noise_sft_train": noise_report(sets["sft_train"]),
     }
     # Written last: its presence marks a complete directory.
-    write_text(os.path.join(out_dir, "tiny.json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write(os.path.join(out_dir, "tiny.json"), (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.tiny.tasks import answer_correct, classify  # noqa: E402
-from data.tokenizer import atomic_write  # noqa: E402
+from data.tokenizer import atomic_write, write_jsonl  # noqa: E402
 
 KINDS = ("correct", "disclaimer", "refusal", "format_slip", "wrong")
 
@@ -26,10 +26,6 @@ KINDS = ("correct", "disclaimer", "refusal", "format_slip", "wrong")
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path, rows):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
 
 
 def split(pairs_path, out_dir, test_fraction=0.1):

@@ -59,7 +59,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from bisect import bisect_right
 from collections import Counter
 from typing import NamedTuple
@@ -68,7 +67,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/ultrachat/clean.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.tokenizer import _umask, atomic_write
+from data.tokenizer import atomic_write, write_jsonl
 from data.ultrachat.prepare import BadRow, DataError, describe_file, iter_rows, parquet_rows
 
 DEFAULT_PHRASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusal_phrases.txt")
@@ -512,23 +511,6 @@ def read_files(paths):
             yield path, row_number, row
 
 
-def write_jsonl_atomic(path, rows):
-    """Stream rows as JSON lines to a temporary file beside `path`, fsync, rename: as atomic_write does."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def stats_path(out):
     return (out[:-len(".jsonl")] if out.endswith(".jsonl") else out) + ".stats.json"
 
@@ -568,7 +550,7 @@ def main(argv=None):
                 for item in read_files(args.inputs):
                     bar.update()
                     yield item
-            write_jsonl_atomic(args.out, iter_clean(counted(), stats, phrases, not args.no_truecase,
+            write_jsonl(args.out, iter_clean(counted(), stats, phrases, not args.no_truecase,
                                                     not args.no_refusal_filter, not args.no_dedupe))
     except (DataError, OSError) as e:
         sys.exit(f"error: {e}")
