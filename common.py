@@ -596,7 +596,7 @@ def parse_spec(spec, field):
                          "http(s) URL or module:function")
     else:
         kind = "local"
-    return dict(kind=kind, target=head, name=options.get("name") or options.get("model") or head, **options)
+    return {**options, "kind": kind, "target": head, "name": options.get("name") or options.get("model") or head}
 
 
 def failure(error):

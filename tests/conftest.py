@@ -39,3 +39,22 @@ def tiny_tokenizer(tmp_path_factory):
     texts = ["<|user|> " + " ".join("".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(12))
              for _ in range(3000)]
     return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=512)
+
+
+def save_tiny_model(path, tokenizer_model, seed=1):
+    """A random one-layer Mistral with the tiny tokenizer, saved as a Hugging Face directory; returns its path.
+    No sliding window: a one-layer model with a window would see only the fixed tail of a long prompt."""
+    from data.tokenizer import Tokenizer
+    from model import Mistral, MistralConfig
+    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                        max_position_embeddings=2048, dtype="float32")
+    model = Mistral(cfg)
+    model.init_weights(seed=seed)
+    model.save_pretrained(path, tokenizer=Tokenizer(tokenizer_model))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "hf", tiny_tokenizer)

@@ -19,8 +19,7 @@ import torch
 from conftest import ROOT, run, torchrun
 import common
 import feedback
-from data.tokenizer import Tokenizer, render_chat
-from model import Mistral, MistralConfig
+from data.tokenizer import render_chat
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}  # the subprocesses import judge_len from this module
@@ -31,19 +30,6 @@ def judge_len(prompt, answer):
     to slow a run down enough to be killed midway."""
     time.sleep(float(os.environ.get("FB_TEST_JUDGE_SLEEP", "0")))
     return float(len(answer) % 3)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_tokenizer):
-    # No sliding window: a one-layer model with a window would see only the fixed tail of a rating prompt.
-    cfg = MistralConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                        max_position_embeddings=2048, dtype="float32")
-    model = Mistral(cfg)
-    model.init_weights(seed=1)
-    path = tmp_path_factory.mktemp("model") / "hf"
-    model.save_pretrained(path, tokenizer=Tokenizer(tiny_tokenizer))
-    return str(path)
 
 
 PROMPT_ROWS = [{"instruction": f"Sort these numbers in ascending order: {i}, {2 * i + 1}, 7", "source": "tiny/sort"}
@@ -400,3 +386,15 @@ def test_endpoint_retries_records_failures_and_keeps_the_key_secret(tmp_path):
     assert len(shown) == 5 * 4 and any(tuple(o) not in order_in_raw for o in shown)
     summary = json.load(open(out / "summary.json"))
     assert summary["failed_answers"] == 2 and summary["unrated_answers"] == 2 and summary["too_few_rated"] >= 2
+
+
+def test_parse_spec_forms(tiny_model):
+    assert common.parse_spec(" http://h:8/v1|model=m|key_env=K|name=lbl ", "models") == {
+        "kind": "endpoint", "target": "http://h:8/v1", "model": "m", "key_env": "K", "name": "lbl"}
+    assert common.parse_spec("https://h/v1|model=m", "judge")["name"] == "m"
+    assert common.parse_spec(f"{tiny_model}|name=x", "models") == {"kind": "local", "target": tiny_model, "name": "x"}
+    assert common.parse_spec("test_feedback:judge_len", "judge")["kind"] == "function"
+    for spec, message in [("http://h/v1", "needs |model=NAME"), ("http://h/v1|model=m|temp=1", "option 'temp=1'"),
+                          ("/no/such/dir", "not a Hugging Face directory")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            common.parse_spec(spec, "models")
