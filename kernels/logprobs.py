@@ -10,7 +10,9 @@ not depend on the upstream gradient g. Hence
     grad_weight    = sum_i g[i] * (onehot(t_i) - p_i)^T hidden[i]      (V, D)
 
 Logits are processed a chunk of rows at a time (a (C, V) fp32 buffer, C ~ 32 MiB / 4V rows on CPU),
-so memory is O(C*V + N*D + V*D) instead of O(N*V). There are two ways to get the gradients:
+so memory is O(C*V + N*D + V*D) instead of O(N*V). Rows whose target is ignore_index never reach the
+head at all (token_logprobs drops them first and scatters the results back): the prompt rows of SFT
+and DPO cost nothing. There are two ways to get the gradients:
 
   * recompute (default): the forward keeps only log-probs; the backward recomputes each logits chunk.
     Cost 2 + 2 + 4 = 8 NVD flops against 6 NVD for the naive full-logits path (the 0.78x in
