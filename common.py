@@ -573,6 +573,28 @@ def read_rows(path):
                 yield f"{path}:{n}", None, f"not valid JSON ({e.msg} at column {e.colno})"
 
 
+def parse_rows(path, parse, field, strict=False, limit=-1):
+    """parse(row, file name) over the rows of `path` (config field `field`) -> (the parsed rows, in order, at most
+    `limit` if > 0; one message per malformed row, naming it as file:line). A row parse cannot read raises
+    ValueError saying why; with strict the first one stops the run."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config {field}: {path} not found")
+    parsed, malformed = [], []
+    for where, row, error in read_rows(path):
+        if error is None:
+            try:
+                parsed.append(parse(row, os.path.basename(path)))
+            except ValueError as e:
+                error = str(e)
+        if error is not None:
+            if strict:
+                raise ValueError(f"{where}: {error} (strict=true)")
+            malformed.append(f"{where}: {error}; skipped")
+        elif len(parsed) == limit:
+            break
+    return parsed, malformed
+
+
 FUNCTION_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 

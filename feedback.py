@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from common import Endpoint, LocalModel, load_client, parse_spec, read_rows, seed_of
+from common import Endpoint, LocalModel, load_client, parse_spec, seed_of
 from data.tokenizer import check_messages, render_chat, write_jsonl
 
 
@@ -171,24 +171,8 @@ def parse_prompt_row(row, default_source):
 
 def read_prompts(path, strict=False, max_prompts=-1):
     """Valid prompts in input order (each with its `index`), and one message per malformed row skipped."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config prompts: {path} not found")
-    prompts, malformed = [], []
-    for where, row, error in read_rows(path):
-        if error is None:
-            try:
-                p = parse_prompt_row(row, os.path.basename(path))
-            except ValueError as e:
-                error = str(e)
-        if error is not None:
-            if strict:
-                raise ValueError(f"{where}: {error} (strict=true)")
-            malformed.append(f"{where}: {error}; skipped")
-            continue
-        prompts.append(dict(index=len(prompts), **p))
-        if len(prompts) == max_prompts:
-            break
-    return prompts, malformed
+    prompts, malformed = common.parse_rows(path, parse_prompt_row, "prompts", strict, max_prompts)
+    return [dict(index=i, **p) for i, p in enumerate(prompts)], malformed
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,10 @@
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -58,3 +61,41 @@ def save_tiny_model(path, tokenizer_model, seed=1):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_tokenizer):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "hf", tiny_tokenizer)
+
+
+class ChatServer:
+    """A local OpenAI-compatible server (POST {url}/chat/completions) in a daemon thread. Subclasses answer in
+    respond(body, headers) -> (HTTP status, reply): a str reply is sent as a chat completion with
+    finish_reason, a bytes reply as the raw body (errors, garbage). self.lock guards their bookkeeping."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                assert self.path == "/v1/chat/completions"
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                code, reply, *finish = server.respond(body, self.headers)
+                if isinstance(reply, str):
+                    reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply},
+                                                     "finish_reason": finish[0] if finish else "stop"}],
+                                        "usage": {"completion_tokens": 5}}).encode()
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def respond(self, body, headers):
+        raise NotImplementedError

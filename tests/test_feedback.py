@@ -2,7 +2,6 @@
 # failing endpoints, and across a SIGKILL. Models are tiny random Mistrals; the judge is a function of the text.
 import dataclasses
 import hashlib
-import http.server
 import json
 import math
 import os
@@ -10,13 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run, torchrun
+from conftest import ROOT, ChatServer, run, torchrun
 import common
 import feedback
 from data.tokenizer import render_chat
@@ -280,67 +278,42 @@ def test_binarization_drops_ties_and_prompts_with_fewer_than_two_rated_answers()
 # Endpoints: a local OpenAI-compatible server that fails in the ways real ones do
 
 
-class FakeServer:
+class FakeServer(ChatServer):
     """Answers by prompt text: "flaky" gets one HTTP 500 first, "slow" one reply slower than the client's
     timeout, "garbage" always a non-JSON body. The judge rates each shown text by a function of its content
     (so the test can check that shuffled ratings map back), and answers "norating" prompts without ratings."""
 
     def __init__(self):
-        self.auth, self.judge_orders, self.failed_once, self.lock, self.count = [], [], set(), threading.Lock(), 0
-        server = self
+        self.auth, self.judge_orders, self.failed_once, self.count = [], [], set(), 0
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.auth.append(self.headers.get("Authorization"))
-                assert self.path == "/v1/chat/completions"
-                content = body["messages"][-1]["content"]
-                if body["model"] == "fake-judge":
-                    shown = re.findall(r"Text \d+:\n(.*?)\n\n", content, re.S)
-                    with server.lock:
-                        server.judge_orders.append(shown)
-                    if "norating" in content:
-                        return self.reply("I would rather not rate these.")
-                    return self.reply("\n".join(f"Text {i + 1}: Rating: {rating_of(t)}" for i, t in enumerate(shown)))
-                for word in ("flaky", "slow"):
-                    if word in content:
-                        with server.lock:
-                            first = word not in server.failed_once
-                            server.failed_once.add(word)
-                        if first and word == "flaky":
-                            return self.send(500, b"overloaded")
-                        if first:
-                            time.sleep(2.5)
-                if "garbage" in content:
-                    return self.send(200, b"<html>not json</html>")
-                n = sum(m["role"] == "system" for m in body["messages"])
-                with server.lock:
-                    server.count += 1  # every answer different, so the judge's shuffle shows
-                    count = server.count
-                self.reply(f"reply to {content} (system turns: {n}, t={body['temperature']}) #{count}")
-
-            def reply(self, text):
-                self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
-                                                        "finish_reason": "stop"}],
-                                           "usage": {"completion_tokens": 5}}).encode())
-
-            def send(self, code, data):
-                try:
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def respond(self, body, headers):
+        with self.lock:
+            self.auth.append(headers.get("Authorization"))
+        content = body["messages"][-1]["content"]
+        if body["model"] == "fake-judge":
+            shown = re.findall(r"Text \d+:\n(.*?)\n\n", content, re.S)
+            with self.lock:
+                self.judge_orders.append(shown)
+            if "norating" in content:
+                return 200, "I would rather not rate these."
+            return 200, "\n".join(f"Text {i + 1}: Rating: {rating_of(t)}" for i, t in enumerate(shown))
+        for word in ("flaky", "slow"):
+            if word in content:
+                with self.lock:
+                    first = word not in self.failed_once
+                    self.failed_once.add(word)
+                if first and word == "flaky":
+                    return 500, b"overloaded"
+                if first:
+                    time.sleep(2.5)
+        if "garbage" in content:
+            return 200, b"<html>not json</html>"
+        n = sum(m["role"] == "system" for m in body["messages"])
+        with self.lock:
+            self.count += 1  # every answer different, so the judge's shuffle shows
+            count = self.count
+        return 200, f"reply to {content} (system turns: {n}, t={body['temperature']}) #{count}"
 
 
 def rating_of(text):

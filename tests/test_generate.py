@@ -1,20 +1,18 @@
 # data/ultrachat/generate.py: dialogues from a tiny random local model in both roles (1 and 2 ranks), from a local
 # OpenAI-compatible server whose replies the test can predict word for word, and across a SIGKILL.
 import hashlib
-import http.server
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run, save_tiny_model, torchrun
+from conftest import ROOT, ChatServer, run, save_tiny_model, torchrun
 from data.tokenizer import Tokenizer
 from data.ultrachat import generate
 from data.ultrachat.prepare import check_row
@@ -140,40 +138,20 @@ def test_dialogues_go_through_prepare(local_run, tiny_tokenizer, tmp_path):
 # An OpenAI-compatible server with predictable replies
 
 
-class ChatServer:
+class TwoRoleServer(ChatServer):
     """Model "sim" plays the user, model "teacher" the assistant. The user's replies come with the wrapping a real
     model adds (a label, quotes, the answer written on), which generate.user_message must strip. Failures by
     content: "flaky" gets one HTTP 500 first, "broken-teacher" always HTTP 400, a follow-up after "broken-user"
-    HTTP 400, and "longwinded" stops at the token limit."""
+    HTTP 400, and "longwinded" stops at the token limit. `delay` slows every reply down."""
 
     def __init__(self):
-        self.requests, self.failed_once, self.lock, self.delay = [], set(), threading.Lock(), 0.0
-        server = self
+        self.requests, self.failed_once, self.delay = [], set(), 0.0
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                time.sleep(server.delay)
-                with server.lock:
-                    server.requests.append(body)
-                code, text, finish = server.respond(body)
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text},
-                                                "finish_reason": finish}], "usage": {"completion_tokens": 3}}
-                                  ).encode() if code == 200 else b"no"
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def respond(self, body):
+    def respond(self, body, headers):
+        time.sleep(self.delay)
+        with self.lock:
+            self.requests.append(body)
         ask = body["messages"][-1]["content"]
         if body["model"] == "sim":
             if m := re.search(r"about this topic: (.*?)\n\nMake it", ask):
@@ -184,7 +162,7 @@ class ChatServer:
                 return 200, "Summarize this text in one sentence.\nAssistant: Sure! The cat", "stop"
             assert ask.startswith("Here is your conversation")
             if "broken-user" in ask:
-                return 400, None, None
+                return 400, b"bad request"
             return 200, f"Why is that so? (round {ask.count(chr(10) + 'Assistant: ') + 1})", "stop"
         assert body["model"] == "teacher"
         users = [m for m in body["messages"] if m["role"] == "user"]
@@ -192,9 +170,9 @@ class ChatServer:
             first = ask not in self.failed_once
             self.failed_once.add(ask)
         if "flaky" in ask and first:
-            return 500, None, None
+            return 500, b"overloaded"
         if "broken-teacher" in ask:
-            return 400, None, None
+            return 400, b"bad request"
         if "longwinded" in ask:
             return 200, "It all began", "length"
         return 200, f"Answer {len(users)} to: {ask}", "stop"
@@ -216,7 +194,7 @@ ENDPOINT_SEEDS = [{"id": "p", "prompt": "Name a prime number."}, {"id": "t", "to
 
 
 def test_endpoint_roles_dialogues_by_hand(tmp_path):
-    server = ChatServer()
+    server = TwoRoleServer()
     seeds = write_seeds(tmp_path / "seeds.jsonl", ENDPOINT_SEEDS)
     out = tmp_path / "out"
     p = run([sys.executable, SCRIPT, *flags(seeds=seeds, out_dir=out, assistant=f"{server.url}|model=teacher",
@@ -264,7 +242,7 @@ def test_endpoint_roles_dialogues_by_hand(tmp_path):
 
 
 def test_killed_run_resumes_to_identical_output(tmp_path):
-    server = ChatServer()
+    server = TwoRoleServer()
     seeds = write_seeds(tmp_path / "seeds.jsonl", [{"prompt": f"Question {i}"} for i in range(8)] +
                         [{"topic": "rivers"}])
     base = flags(seeds=seeds, assistant=f"{server.url}|model=teacher", user=f"{server.url}|model=sim",

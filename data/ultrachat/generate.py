@@ -181,26 +181,12 @@ def parse_seed_row(row, default_source):
 def read_seeds(path, openers_per_seed, strict=False, max_seeds=-1):
     """The dialogues to write, in input order (each with its `index` and `dialogue_id`), the number of seed rows,
     and one message per malformed row skipped."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config seeds: {path} not found")
-    dialogues, malformed, n_seeds = [], [], 0
-    for where, row, error in common.read_rows(path):
-        if error is None:
-            try:
-                seed = parse_seed_row(row, os.path.basename(path))
-            except ValueError as e:
-                error = str(e)
-        if error is not None:
-            if strict:
-                raise ValueError(f"{where}: {error} (strict=true)")
-            malformed.append(f"{where}: {error}; skipped")
-            continue
+    seeds, malformed = common.parse_rows(path, parse_seed_row, "seeds", strict, max_seeds)
+    dialogues = []
+    for seed in seeds:
         for k in range(1 if seed["seed_kind"] == "prompt" else openers_per_seed):
             dialogues.append(dict(index=len(dialogues), dialogue_id=f"{seed['seed_id']}/{k}", **seed))
-        n_seeds += 1
-        if n_seeds == max_seeds:
-            break
-    return dialogues, n_seeds, malformed
+    return dialogues, len(seeds), malformed
 
 
 def rounds_planned(dialogue, cfg):
