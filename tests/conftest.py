@@ -34,6 +34,44 @@ def torchrun(script, args, nproc=1, **kw):
 
 
 @pytest.fixture(scope="session")
+def tokenizer_path():
+    """The real Mistral v1 tokenizer.model (32000 pieces), from the mistral-common wheel."""
+    mistral_common = pytest.importorskip("mistral_common")
+    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def write_parquet(path, rows):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)  # several row groups
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A 512-piece sentencepiece model (the tiny preset's vocab size), trained on generated text."""
     from data.tokenizer import train_tokenizer

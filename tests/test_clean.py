@@ -7,17 +7,9 @@ import sys
 
 import pytest
 
-from conftest import run
+from conftest import assistant, run, user
 from data.ultrachat import clean
 from data.ultrachat.clean import clean_rows, disclaims, load_phrases, truecase
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def sha(text):

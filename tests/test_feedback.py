@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, run, torchrun
+from conftest import ROOT, ChatServer, read_jsonl, run, torchrun
 import common
 import feedback
 from data.tokenizer import render_chat
@@ -53,11 +53,6 @@ def args(prompts, model, out, **kw):
                 batch_size=2, seed=3)
     base.update(kw)
     return [f"--{k}={v}" for k, v in base.items()]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,13 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, run, save_tiny_model, torchrun
+from conftest import ROOT, ChatServer, read_jsonl, run, save_tiny_model, torchrun
 from data.tokenizer import Tokenizer
 from data.ultrachat import generate
 from data.ultrachat.prepare import check_row
 from model import Mistral
 
 SCRIPT = "data/ultrachat/generate.py"
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def write_seeds(path, rows):

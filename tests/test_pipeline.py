@@ -4,12 +4,7 @@ import json
 import os
 import subprocess
 
-from conftest import ROOT
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from conftest import ROOT, read_jsonl
 
 
 def test_quick_tiny_pipeline_writes_every_stage_output(tmp_path):

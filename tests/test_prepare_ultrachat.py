@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import assistant, user, write_jsonl, write_parquet
 from data import shards as shards_module
 from data.shards import Shards, ShardWriter
 from data.tokenizer import Tokenizer
@@ -19,22 +20,8 @@ SPLIT_FILES = ("ids.bin", "mask.bin", "idx.npy")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path():
-    mistral_common = pytest.importorskip("mistral_common")
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-
-
-@pytest.fixture(scope="module")
 def tok(tokenizer_path):
     return Tokenizer(tokenizer_path)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 # Assistant contents never start with a space: decode drops one leading space (the dummy prefix), as
@@ -53,20 +40,6 @@ CONVERSATIONS = [
 def rows_of(conversations):
     return [{"prompt": c[-2]["content"] if len(c) > 1 else "", "prompt_id": f"{i:064x}", "messages": c}
             for i, c in enumerate(conversations)]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def write_parquet(path, rows):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)  # several row groups
-    return str(path)
 
 
 def spans(mask):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import assistant, system, user, write_jsonl, write_parquet
 from data.shards import Shards
 from data.tokenizer import Tokenizer, render_chat
 from data.ultrafeedback import prepare as prep
@@ -22,26 +23,8 @@ SPLIT_FILES = ("ids.bin", "mask.bin", "idx.npy", "prompt_ids.json")
 
 
 @pytest.fixture(scope="module")
-def tokenizer_path():
-    mistral_common = pytest.importorskip("mistral_common")
-    return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-
-
-@pytest.fixture(scope="module")
 def tok(tokenizer_path):
     return Tokenizer(tokenizer_path)
-
-
-def system(text):
-    return {"role": "system", "content": text}
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def pair_row(prompt, chosen, rejected, i=0, scores=(8.0, 3.5)):
@@ -61,20 +44,6 @@ PAIRS = [  # (prompt turns, chosen answer, rejected answer)
     ([user("x " * 150)], "y " * 120 + "end", "z"),
 ]
 ROWS = [pair_row(p, c, r, i, scores=(5.0 + i, 1.0 + i / 2)) for i, (p, c, r) in enumerate(PAIRS)]
-
-
-def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
-
-
-def write_parquet(path, rows):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)  # several row groups
-    return str(path)
 
 
 def split_bytes(directory, split):

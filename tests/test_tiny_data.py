@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from conftest import read_jsonl
 from data.tiny import prepare
 from data.tiny.tasks import (CORE_TASKS, FIRST_TEMPLATE_NOISE, PARSERS, TEMPLATES, answer_correct, classify,
                              judge, make_task, parse_prompt, teacher_answer)
@@ -120,11 +121,6 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     prepare.write_all(str(out), seed=0, **SIZES)
     return out
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def file_bytes(directory):
