@@ -50,6 +50,27 @@ class BadRow(Exception):
         self.reason, self.detail = reason, detail
 
 
+class BadRows:
+    """The bad rows of a split: each reported on stderr as file: row N: reason: detail, counted by reason, the
+    first KEEP_BAD_MESSAGES messages kept for the split's json; with strict the first one is fatal."""
+
+    def __init__(self, strict):
+        self.strict, self.counts, self.messages = strict, Counter(), []
+
+    def add(self, path, row_number, bad):
+        message = f"{path}: row {row_number}: {bad.reason}: {bad.detail}"
+        if self.strict:
+            raise DataError(message)
+        self.counts[bad.reason] += 1
+        if len(self.messages) < KEEP_BAD_MESSAGES:
+            self.messages.append(message)
+        tqdm.write(f"skipped {message}", file=sys.stderr)
+
+    def info(self):
+        return {"n_bad_rows": sum(self.counts.values()), "bad_rows": dict(sorted(self.counts.items())),
+                "first_bad_rows": self.messages}
+
+
 # -----------------------------------------------------------------------------
 # Reading rows
 
@@ -236,7 +257,7 @@ def prepare(files, tokenizer_path, out_dir, split, strict=False, max_examples=No
     tokenizer_info = describe_file(tok.model_path) | {"legacy": tok.legacy, "vocab_size": tok.vocab_size}
     sources = [describe_file(p) for p in files]
 
-    bad_counts, bad_messages, rows_read, n_written = Counter(), [], 0, 0
+    bad, rows_read, n_written = BadRows(strict), 0, 0
     # spawn, not fork: the parent may hold threads (pyarrow's pool, tqdm's monitor), which fork does not copy.
     pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.model_path, tok.legacy))
             if workers > 1 else None)
@@ -249,29 +270,22 @@ def prepare(files, tokenizer_path, out_dir, split, strict=False, max_examples=No
                 rows_read += 1
                 bar.update()
                 if isinstance(result, BadRow):
-                    message = f"{path}: row {row_number}: {result.reason}: {result.detail}"
-                    if strict:
-                        raise DataError(message)
-                    bad_counts[result.reason] += 1
-                    if len(bad_messages) < KEEP_BAD_MESSAGES:
-                        bad_messages.append(message)
-                    tqdm.write(f"skipped {message}", file=sys.stderr)
+                    bad.add(path, row_number, result)
                     continue
                 writer.add(*result)
                 n_written += 1
             info = writer.close({
                 "template": "zephyr", "loss_on": "assistant turns (content and </s>)",
                 "tokenizer": tokenizer_info, "sources": sources, "rows_read": rows_read,
-                "max_examples": max_examples, "n_bad_rows": sum(bad_counts.values()),
-                "bad_rows": dict(sorted(bad_counts.items())), "first_bad_rows": bad_messages,
+                "max_examples": max_examples, **bad.info(),
             })
     finally:
         if pool is not None:
             pool.terminate()
 
-    bad = ", ".join(f"{k} {v}" for k, v in info["bad_rows"].items()) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in info["bad_rows"].items()) or "none"
     print(f"{split}: {info['n_examples']:,} examples, {info['n_tokens']:,} tokens "
-          f"({info['n_loss_tokens']:,} trained on) from {rows_read:,} rows; bad rows skipped: {bad}")
+          f"({info['n_loss_tokens']:,} trained on) from {rows_read:,} rows; bad rows skipped: {skipped}")
     print(f"{split}: wrote {os.path.join(out_dir, split)}.{{ids.bin,mask.bin,idx.npy,json}}")
     return info
 

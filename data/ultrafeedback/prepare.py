@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as `python data/ultrafeedback/prepare.py`: 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.shards import ShardWriter
 from data.tokenizer import Tokenizer, atomic_write, check_messages
-from data.ultrachat.prepare import (BLOCK, KEEP_BAD_MESSAGES, BadRow, DataError, describe_file, hub_files,
+from data.ultrachat.prepare import (BLOCK, BadRow, BadRows, DataError, describe_file, hub_files,
                                     iter_rows, load_tokenizer, parquet_rows)
 
 COLUMNS = ("prompt_id", "chosen", "rejected", "score_chosen", "score_rejected")
@@ -195,7 +195,7 @@ def prepare(files, tokenizer_path, out_dir, split, max_prompt_length=512, max_le
     tokenizer_info = describe_file(tok.model_path) | {"legacy": tok.legacy, "vocab_size": tok.vocab_size}
     sources = [describe_file(p) for p in files]
 
-    bad_counts, bad_messages, rows_read = Counter(), [], 0
+    bad, rows_read = BadRows(strict), 0
     prompt_ids, score_sums, truncated = [], np.zeros(2), Counter(prompt=0, chosen=0, rejected=0)
     # spawn, not fork: the parent may hold threads (pyarrow's pool, tqdm's monitor), which fork does not copy.
     pool = (multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok.model_path, tok.legacy))
@@ -209,13 +209,7 @@ def prepare(files, tokenizer_path, out_dir, split, max_prompt_length=512, max_le
                 rows_read += 1
                 bar.update()
                 if isinstance(result, BadRow):
-                    message = f"{path}: row {row_number}: {result.reason}: {result.detail}"
-                    if strict:
-                        raise DataError(message)
-                    bad_counts[result.reason] += 1
-                    if len(bad_messages) < KEEP_BAD_MESSAGES:
-                        bad_messages.append(message)
-                    tqdm.write(f"skipped {message}", file=sys.stderr)
+                    bad.add(path, row_number, result)
                     continue
                 writer.add(*result["chosen"])   # example 2i
                 writer.add(*result["rejected"])  # example 2i + 1
@@ -238,18 +232,16 @@ def prepare(files, tokenizer_path, out_dir, split, max_prompt_length=512, max_le
                 "score_chosen_mean": float(score_sums[0] / n) if n else None,
                 "score_rejected_mean": float(score_sums[1] / n) if n else None,
                 "prompt_ids": {"file": os.path.basename(ids_file), "sha256": hashlib.sha256(ids_bytes).hexdigest()},
-                "tokenizer": tokenizer_info, "sources": sources, "rows_read": rows_read,
-                "n_bad_rows": sum(bad_counts.values()),
-                "bad_rows": dict(sorted(bad_counts.items())), "first_bad_rows": bad_messages,
+                "tokenizer": tokenizer_info, "sources": sources, "rows_read": rows_read, **bad.info(),
             })
     finally:
         if pool is not None:
             pool.terminate()
 
-    bad = ", ".join(f"{k} {v}" for k, v in info["bad_rows"].items()) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in info["bad_rows"].items()) or "none"
     cut = ", ".join(f"{k} {v}" for k, v in info["n_truncated"].items())
     print(f"{split}: {n:,} pairs ({info['n_tokens']:,} tokens, {info['n_loss_tokens']:,} trained on) from "
-          f"{rows_read:,} rows; truncated: {cut}; bad rows skipped: {bad}")
+          f"{rows_read:,} rows; truncated: {cut}; bad rows skipped: {skipped}")
     print(f"{split}: wrote {os.path.join(out_dir, split)}.{{ids.bin,mask.bin,idx.npy,json,prompt_ids.json}}")
     return info
 
