@@ -236,6 +236,24 @@ def test_endpoint_roles_dialogues_by_hand(tmp_path):
     assert "7 of 9 dialogues written" in p.stdout
 
 
+def test_the_teacher_can_write_the_openers(tmp_path):
+    server = TwoRoleServer()
+    seeds = write_seeds(tmp_path / "seeds.jsonl", [{"id": "t", "topic": "tides"}, {"id": "p", "prompt": "Hi there"}])
+    out = tmp_path / "out"
+    run([sys.executable, SCRIPT, *flags(seeds=seeds, out_dir=out, assistant=f"{server.url}|model=teacher",
+                                        user=f"{server.url}|model=sim", openers_by="assistant", min_rounds=1,
+                                        max_rounds=1, user_temperature=0.9, user_max_new_tokens=32)])
+    raw = {r["dialogue_id"]: r for r in read_jsonl(out / "raw.jsonl")}
+    # The opener request went to the teacher (whose test persona answers everything with "Answer n to: ...").
+    opener = raw["t/0"]["messages"][0]["content"]
+    assert opener.startswith("Answer 1 to: Write the first message a curious person") and "tides" in opener
+    assert raw["p/0"]["messages"][0]["content"] == "Hi there"
+    to_teacher = [b for b in server.requests if b["model"] == "teacher"]
+    assert len(to_teacher) == 3 and not any(b["model"] == "sim" for b in server.requests)
+    ask = next(b for b in to_teacher if b["messages"][0]["content"] == generate.USER_SYSTEM)
+    assert (ask["temperature"], ask["max_tokens"]) == (0.9, 32)  # the user role's settings, for a user message
+
+
 def test_killed_run_resumes_to_identical_output(tmp_path):
     server = TwoRoleServer()
     seeds = write_seeds(tmp_path / "seeds.jsonl", [{"prompt": f"Question {i}"} for i in range(8)] +
@@ -328,6 +346,7 @@ def test_bad_config_is_named(tmp_path):
                           (["--assistant=http://x/v1|model=t", "--min_rounds=3", "--max_rounds=2"],
                            "max_rounds: 2 is below min_rounds=3"),
                           (["--assistant=http://x/v1"], "an endpoint needs |model=NAME"),
+                          (["--assistant=http://x/v1|model=t", "--openers_by=judge"], "openers_by: 'judge'"),
                           (["--assistant=http://x/v1|model=t", "--user=os:getcwd"], "config user: 'os:getcwd'")]:
         p = run([sys.executable, SCRIPT, f"--seeds={seeds}", f"--out_dir={tmp_path}/o", *args], check=False)
         assert p.returncode != 0 and message in p.stderr, (args, p.stderr[-500:])

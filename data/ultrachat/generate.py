@@ -13,7 +13,8 @@ integer; default: a hash of the seed) and `source` (default: the file name):
     {"text_type": "..."}   writing and creation: the user role asks for a piece of that kind of text
     {"material": "..."}    assistance on existing material: the user role writes a request about the text, and
                            the opening message is that request, a blank line, then the material
-A topic, text_type or material row gives openers_per_seed dialogues, each its own draw. data/ultrachat/seeds.jsonl
+A topic, text_type or material row gives openers_per_seed dialogues, each its own draw; openers_by=assistant
+has the teacher write those opening messages instead of the user role. data/ultrachat/seeds.jsonl
 is a small example of all four.
 
 The roles `assistant` and `user` (empty: the assistant's model plays the user too) are each a PATH (a local
@@ -70,6 +71,8 @@ class Config:
     assistant: str = ""               # PATH | URL|model=NAME[|key_env=VAR][|name=LABEL]: the teacher
     user: str = ""                    # the same forms; empty: the assistant's model plays the user too
     openers_per_seed: int = 1         # dialogues per topic / text_type / material row
+    openers_by: str = "user"          # who turns those seeds into opening messages: "user" or "assistant" (the
+                                      # teacher, as in UltraChat, where one model played both roles)
     min_rounds: int = 2               # rounds per dialogue, drawn uniformly from [min_rounds, max_rounds]
     max_rounds: int = 5
     assistant_system: str = ""        # the teacher's system prompt (not written to the output)
@@ -234,7 +237,8 @@ def write_dialogues(batch, j, user, assistant, names, cfg, device):
                 asked[i] = batch[i]["text"]
         need = [i for i in going if i not in asked]
         if need:
-            replies = call(user, [user_chat(batch[i], messages[i]) for i in need], cfg.user_max_new_tokens,
+            writer = assistant if r == 0 and cfg.openers_by == "assistant" else user
+            replies = call(writer, [user_chat(batch[i], messages[i]) for i in need], cfg.user_max_new_tokens,
                            cfg.user_temperature, r, "user")
             for i, reply in zip(need, replies):
                 text = user_message(reply["text"] or "")
@@ -303,6 +307,8 @@ def check_config(cfg):
                 "max_attempts", "concurrency"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config {key}: {getattr(cfg, key)} must be >= 1")
+    if cfg.openers_by not in ("user", "assistant"):
+        raise ValueError(f"config openers_by: {cfg.openers_by!r}; choose user or assistant")
     if cfg.max_rounds < cfg.min_rounds:
         raise ValueError(f"config max_rounds: {cfg.max_rounds} is below min_rounds={cfg.min_rounds}")
 
