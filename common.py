@@ -551,6 +551,14 @@ def seed_of(*keys):
     return int.from_bytes(hashlib.sha256("/".join(map(str, keys)).encode()).digest()[:8], "little") >> 1
 
 
+def check_utf8(text, field):
+    # A JSON-escaped lone surrogate ("\ud800") decodes to a str that no UTF-8 file can hold.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"'{field}': lone surrogate at {e.start}") from None
+
+
 def read_rows(path):
     """(where, row, error) per row of a .jsonl or .parquet file; `where` is file:line or file row N."""
     if path.endswith(".parquet"):
@@ -563,7 +571,7 @@ def read_rows(path):
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 yield f"{path}:{n}", None, f"not valid UTF-8 (byte {e.start + 1})"
                 continue
@@ -618,7 +626,8 @@ def parse_spec(spec, field):
                          "http(s) URL or module:function")
     else:
         kind = "local"
-    return {**options, "kind": kind, "target": head, "name": options.get("name") or options.get("model") or head}
+    return {**options, "kind": kind, "target": head, "name": options.get("name") or options.get("model") or head,
+            "field": field}
 
 
 def failure(error):
@@ -686,8 +695,9 @@ class Endpoint:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
                 if e.code in (401, 403):
-                    raise PermissionError(f"{self.url}: HTTP {e.code}: the endpoint refuses the key in "
-                                          f"${self.key_env}") from None
+                    raise PermissionError(f"{self.url}: HTTP {e.code}: the endpoint refuses " + (
+                        f"the key in ${self.key_env}" if self.key_env else "requests without a key (add |key_env=VAR)")
+                    ) from None
                 error = f"HTTP {e.code} {e.reason}"
                 if e.code < 500 and e.code not in (408, 409, 429):
                     break  # a bad request stays bad
@@ -701,8 +711,9 @@ class Endpoint:
                 text = choice["message"]["content"]
                 if not isinstance(text, str):
                     raise TypeError
+                check_utf8(text, "content")  # a reply that could not be written out is no reply
             except (ValueError, KeyError, IndexError, TypeError):
-                error = f"reply is not a chat completion: {raw[:200]!r}"
+                error = f"reply is not a chat completion of valid text: {raw[:200]!r}"
                 continue
             tokens = (body.get("usage") or {}).get("completion_tokens") or 0
             return dict(text=text, finish_reason=choice.get("finish_reason"), tokens=int(tokens), error=None)
@@ -714,6 +725,20 @@ class Endpoint:
             return list(pool.map(lambda m: self.chat(m, temperature, top_p, max_new_tokens), chats))
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # of local generation models; auto: bf16 on CUDA, fp32 on CPU
+
+
+def check_dtype(cfg):
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"config dtype: {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def local_dtype(cfg, d):
+    if cfg.dtype == "auto":
+        return torch.float32 if d.device.type == "cpu" else torch.bfloat16
+    return getattr(torch, cfg.dtype)
+
+
 def load_client(spec, cfg, d, loaded):
     """A parse_spec dict -> LocalModel, Endpoint or function. A local checkpoint is loaded once per rank, even
     when it plays several parts. cfg provides dtype and the endpoint settings (request_timeout, ...)."""
@@ -721,14 +746,15 @@ def load_client(spec, cfg, d, loaded):
         return Endpoint(spec["target"], spec["model"], spec.get("key_env"), cfg)
     if spec["kind"] == "function":
         module, name = spec["target"].split(":")
-        fn = getattr(importlib.import_module(module), name, None)
+        try:
+            fn = getattr(importlib.import_module(module), name, None)
+        except ImportError as e:
+            raise ValueError(f"config {spec['field']}: cannot import {module} ({e})") from None
         if not callable(fn):
-            raise ValueError(f"config: {module} has no function {name}")
+            raise ValueError(f"config {spec['field']}: {module} has no function {name}")
         return fn
     if spec["target"] not in loaded:
-        dtype = torch.float32 if d.device.type == "cpu" else torch.bfloat16
-        loaded[spec["target"]] = LocalModel(spec["target"], d.device, dtype if cfg.dtype == "auto" else
-                                            getattr(torch, cfg.dtype))
+        loaded[spec["target"]] = LocalModel(spec["target"], d.device, local_dtype(cfg, d))
     return loaded[spec["target"]]
 
 
@@ -766,21 +792,25 @@ def read_parts(parts_dir, items, key, rank=None):
     return done
 
 
-def check_resumable(cfg, resume_free):
-    """Refuse to continue a run directory made with other results-deciding settings (all but resume_free)."""
+def check_resumable(cfg, resume_free, fixed=None):
+    """Refuse to continue a run directory made with other results-deciding settings (all config fields but
+    resume_free, plus `fixed`: what the run resolved, e.g. the device type behind device=auto). A field the saved
+    config lacks (added to the code since) counts as its default."""
     path = os.path.join(cfg.out_dir, "config.json")
     if not os.path.exists(path):
         return
     with open(path) as f:
         saved = json.load(f)
-    now = dataclasses.asdict(cfg)
-    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in resume_free and saved.get(k) != now[k]]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    now = {**dataclasses.asdict(cfg), **(fixed or {})}
+    diff = [f"{k}: {saved.get(k, defaults.get(k))!r} -> {v!r}" for k, v in now.items()
+            if k not in resume_free and saved.get(k, defaults.get(k)) != v]
     if diff:
         raise ValueError(f"{path}: this run directory was made with other settings ({'; '.join(diff)}); resuming "
                          "would mix results. Use another out_dir, or --resume=false to start over")
 
 
-def run_in_parts(cfg, d, items, key, resume_free, start_worker, unit):
+def run_in_parts(cfg, d, items, key, resume_free, start_worker, unit, fixed=None):
     """
     The distributed, resumable loop. items: dicts with 'index' and `key`, in input order; batches are fixed
     slices of cfg.batch_size of them and rank r takes batches r, r + world, ... . start_worker() is called only
@@ -789,22 +819,23 @@ def run_in_parts(cfg, d, items, key, resume_free, start_worker, unit):
     so a killed run loses at most the batch in flight: a restart skips finished items, recomputes a half-
     written batch whole and appends only its missing items. Records must depend only on (batch, j), never on
     a global random stream, so neither the number of ranks nor a restart changes them. Returns the totals over
-    all ranks: dict(items, tokens, generation_s).
+    all ranks: dict(items, tokens, generation_s). `fixed` (see check_resumable) is saved in config.json too.
     """
     from tqdm import tqdm
     # Ranks wait here for the slowest one; the default collective timeout is shorter than a generation run.
     waits = dist.new_group(backend="gloo", timeout=timedelta(days=7))
     parts_dir = os.path.join(cfg.out_dir, "parts")
     if cfg.resume:
-        check_resumable(cfg, resume_free)
+        check_resumable(cfg, resume_free, fixed)
     dist.barrier(group=waits)  # everyone has checked before rank 0 writes config.json
     if d.main:
         os.makedirs(parts_dir, exist_ok=True)
-        if not cfg.resume:
-            for path in glob.glob(os.path.join(parts_dir, "rank*.jsonl")):
-                os.remove(path)
+        if not cfg.resume:  # start over: the old parts and metrics go (outputs are replaced at the end)
+            for path in glob.glob(os.path.join(parts_dir, "rank*.jsonl")) + [os.path.join(cfg.out_dir, "metrics.jsonl")]:
+                if os.path.exists(path):
+                    os.remove(path)
         print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.out_dir, "config.json"), {**dataclasses.asdict(cfg), **(fixed or {})})
     dist.barrier(group=waits)
     done = read_parts(parts_dir, items, key, d.rank)
 
@@ -847,6 +878,12 @@ def run_in_parts(cfg, d, items, key, resume_free, start_worker, unit):
     totals = torch.tensor([written, tokens, gen_s], dtype=torch.float64)
     dist.all_reduce(totals, group=waits)  # also the wait for every rank to finish its part file
     return dict(items=int(totals[0]), tokens=int(totals[1]), generation_s=float(totals[2]))
+
+
+def local_device(specs, d):
+    # What check_resumable must also compare when a local model generates: the device type behind device=auto
+    # decides its dtype and its sampler's random stream.
+    return {"local_device": d.device.type} if any(s["kind"] == "local" for s in specs) else None
 
 
 def read_finished(cfg, items, key):

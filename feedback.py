@@ -158,6 +158,7 @@ def parse_prompt_row(row, default_source):
             raise ValueError(f"'{key}': expected a string, got {type(row[key]).__name__}")
         context = [{"role": "user", "content": row[key]}]
     text = context[-1]["content"]
+    common.check_utf8(text, "prompt")
     if not text.strip():
         raise ValueError("the prompt is empty")
     pid = row.get("prompt_id")
@@ -165,7 +166,9 @@ def parse_prompt_row(row, default_source):
         pid = hashlib.sha256(text.encode("utf-8")).hexdigest()  # as ultrachat_200k / ultrafeedback_binarized
     elif not isinstance(pid, str) or not pid:
         raise ValueError(f"'prompt_id': expected a non-empty string, got {pid!r:.40}")
+    common.check_utf8(pid, "prompt_id")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
+    common.check_utf8(source, "source")
     return dict(context=context, prompt=text, prompt_id=pid, source=source)
 
 
@@ -411,6 +414,7 @@ def check_config(cfg):
         raise ValueError("config models: empty; name at least one member (PATH or URL|model=NAME)")
     if not cfg.judge.strip():
         raise ValueError("config judge: empty; name a PATH, URL|model=NAME or module:function")
+    common.check_dtype(cfg)
     if cfg.judge_mode not in ("digits", "parse"):
         raise ValueError(f"config judge_mode: {cfg.judge_mode!r}; choose digits or parse")
     for key in ("answers_per_member", "batch_size", "judge_batch_size", "max_new_tokens", "max_attempts",
@@ -461,7 +465,8 @@ def main(argv):
             return records, tokens, gen_s
         return work
 
-    totals = common.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt")
+    totals = common.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt",
+                                 common.local_device(member_specs + [judge_spec], d))
     if d.main:
         s = merge(cfg, prompts, malformed, common.run_stats(totals, time.time() - t_start, "prompt"))
         print(f"{s['pairs']} pairs from {s['prompts']} prompts ({s['ties_dropped']} ties dropped, {s['too_few_rated']} "

@@ -477,17 +477,22 @@ def token_logprobs(hidden, weight, targets, ignore_index=-100, *, expected_grad=
         512 MiB (GPU).
     """
     _check_inputs(hidden, weight, targets, expected_grad, ignore_index, chunk_size)
-    N = targets.shape[0]
-    rows = (targets != ignore_index).nonzero().squeeze(1)                # one device sync
-    if 0 < rows.numel() < N and not return_stats:
-        # The head only on rows with a target, whose results do not depend on the other rows: every GEMM
-        # shrinks by the ignored fraction (SFT: system and user turns, padding; DPO: the prompts). Stats are
-        # wanted for every row, so they keep the full pass; with no target at all, the full pass gives the
-        # zeros with a graph that backward can walk.
-        eg = expected_grad.index_select(0, rows) if expected_grad is not None else None
-        logp = token_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows), ignore_index,
-                              expected_grad=eg, chunk_size=chunk_size)
-        return logp.new_zeros(N).index_copy(0, rows, logp)                # differentiable in logp
+    if not return_stats:
+        N = targets.shape[0]
+        rows = (targets != ignore_index).nonzero().squeeze(1)            # one device sync
+        if 0 < rows.numel() < N:
+            # The head only on rows with a target, whose results do not depend on the other rows: every GEMM
+            # shrinks by the ignored fraction (SFT: system and user turns, padding; DPO: the prompts). Stats
+            # are wanted for every row, so they keep the full pass; with no target at all, the full pass gives
+            # the zeros with a graph that backward can walk.
+            eg = expected_grad.index_select(0, rows) if expected_grad is not None else None
+            logp = _apply(hidden.index_select(0, rows), weight, targets.index_select(0, rows), eg, ignore_index,
+                          chunk_size, False)
+            return logp.new_zeros(N).index_copy(0, rows, logp)            # differentiable in logp
+    return _apply(hidden, weight, targets, expected_grad, ignore_index, chunk_size, return_stats)
+
+
+def _apply(hidden, weight, targets, expected_grad, ignore_index, chunk_size, return_stats):
     if chunk_size is None:
         budget = GPU_CHUNK_BYTES if hidden.device.type == "cuda" else CPU_CHUNK_BYTES
         chunk_size = max(16, budget // (4 * weight.shape[0]))

@@ -133,6 +133,16 @@ def test_resume_refuses_other_settings(tmp_path):
     common.check_resumable(speed_only, feedback.RESUME_FREE)
     with pytest.raises(ValueError, match=r"temperature: 1.0 -> 0.5"):
         common.check_resumable(dataclasses.replace(cfg, temperature=0.5), feedback.RESUME_FREE)
+    # A field the saved config lacks (added to the code since) counts as its default.
+    saved = json.load(open(tmp_path / "config.json"))
+    del saved["judge_mode"]
+    common.write_json(str(tmp_path / "config.json"), {**saved, "local_device": "cuda"})
+    with pytest.raises(ValueError, match=r"judge_mode: 'digits' -> 'parse'"):
+        common.check_resumable(dataclasses.replace(cfg, judge_mode="parse"), feedback.RESUME_FREE)
+    # What device=auto resolved to is compared too: bf16 on CUDA and fp32 on CPU sample differently.
+    common.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cuda"})
+    with pytest.raises(ValueError, match=r"local_device: 'cuda' -> 'cpu'"):
+        common.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cpu"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +163,8 @@ def test_malformed_rows_are_reported_with_line_numbers_and_skipped(tmp_path):
         '{"prompt": "ok 2", "prompt_id": 5}',
         '{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "ok 3"}]}',
         '{"prompt": "ok 4", "prompt_id": "p4"}',
+        '{"prompt": "bad \\ud800"}',
+        '{"prompt": "ok", "source": "\\udfff"}',
     ]
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -162,11 +174,20 @@ def test_malformed_rows_are_reported_with_line_numbers_and_skipped(tmp_path):
     assert prompts[2]["prompt_id"] == "p4"
     assert prompts[0]["prompt_id"] == hashlib.sha256(b"ok 1").hexdigest()  # none given: sha256 of the prompt
     where = [m.split(": ")[0] for m in malformed]
-    assert where == [f"{path}:{n}" for n in (2, 3, 4, 5, 7, 8, 9, 10)]
+    assert where == [f"{path}:{n}" for n in (2, 3, 4, 5, 7, 8, 9, 10, 13, 14)]
+    assert malformed[8].endswith("'prompt': lone surrogate at 4; skipped")
+    assert malformed[9].endswith("'source': lone surrogate at 0; skipped")
     assert "'instruction': expected a string" in malformed[3] and "messages[0]['role']" in malformed[5]
     assert "'prompt_id'" in malformed[7] and all(m.endswith("skipped") for m in malformed)
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
         feedback.read_prompts(str(path), strict=True)
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"instruction": "first"}\n{"instruction": "second"}\n')
+    prompts, malformed = feedback.read_prompts(str(path))
+    assert [p["prompt"] for p in prompts] == ["first", "second"] and malformed == []
 
 
 def test_parquet_rows_read_like_jsonl(tmp_path):
@@ -358,9 +379,10 @@ def test_endpoint_retries_records_failures_and_keeps_the_key_secret(tmp_path):
 
 def test_parse_spec_forms(tiny_model):
     assert common.parse_spec(" http://h:8/v1|model=m|key_env=K|name=lbl ", "models") == {
-        "kind": "endpoint", "target": "http://h:8/v1", "model": "m", "key_env": "K", "name": "lbl"}
+        "kind": "endpoint", "target": "http://h:8/v1", "model": "m", "key_env": "K", "name": "lbl", "field": "models"}
     assert common.parse_spec("https://h/v1|model=m", "judge")["name"] == "m"
-    assert common.parse_spec(f"{tiny_model}|name=x", "models") == {"kind": "local", "target": tiny_model, "name": "x"}
+    assert common.parse_spec(f"{tiny_model}|name=x", "user") == {"kind": "local", "target": tiny_model, "name": "x",
+                                                                  "field": "user"}
     assert common.parse_spec("test_feedback:judge_len", "judge")["kind"] == "function"
     for spec, message in [("http://h/v1", "needs |model=NAME"), ("http://h/v1|model=m|temp=1", "option 'temp=1'"),
                           ("/no/such/dir", "not a Hugging Face directory")]:

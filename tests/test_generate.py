@@ -153,8 +153,8 @@ class TwoRoleServer(ChatServer):
                 return 200, f"User: What is the most surprising fact about {m.group(1)}?", "stop"
             if m := re.search(r"asking it to write a (.*?)\. Say", ask):
                 return 200, f'"Please write a {m.group(1)} about autumn."', "stop"
-            if ask.startswith("Here is a text:"):
-                return 200, "Summarize this text in one sentence.\nAssistant: Sure! The cat", "stop"
+            if ask.startswith("Here is a text:"):  # runs on into the answer until the token limit
+                return 200, "Summarize this text in one sentence.\nAssistant: Sure! The cat", "length"
             assert ask.startswith("Here is your conversation")
             if "broken-user" in ask:
                 return 400, b"bad request"
@@ -170,6 +170,8 @@ class TwoRoleServer(ChatServer):
             return 400, b"bad request"
         if "longwinded" in ask:
             return 200, "It all began", "length"
+        if "surrogate" in ask:  # JSON-escaped, as a broken server might send it: no valid text
+            return 200, b'{"choices": [{"message": {"role": "assistant", "content": "bad \\ud800"}}]}'
         return 200, f"Answer {len(users)} to: {ask}", "stop"
 
 
@@ -185,7 +187,7 @@ ENDPOINT_SEEDS = [{"id": "p", "prompt": "Name a prime number."}, {"id": "t", "to
                   {"id": "w", "text_type": "haiku"}, {"id": "m", "material": "The cat sat on the mat."},
                   {"id": "f", "prompt": "A flaky question"}, {"id": "l", "prompt": "A longwinded question"},
                   {"id": "b", "prompt": "A broken-teacher question"}, {"id": "u", "prompt": "A broken-user start"},
-                  {"id": "dup", "prompt": "Name a  prime number."}]
+                  {"id": "dup", "prompt": "Name a  prime number."}, {"id": "s", "prompt": "A surrogate reply"}]
 
 
 def test_endpoint_roles_dialogues_by_hand(tmp_path):
@@ -209,10 +211,13 @@ def test_endpoint_roles_dialogues_by_hand(tmp_path):
         assert raw[k]["messages"] == expected_messages(first, plan[k]), k
         assert raw[k]["end"] == "complete" and raw[k]["rounds"] == plan[k] and raw[k]["error"] is None
         assert raw[k]["user_model"] == "sim" and raw[k]["assistant_model"] == "teacher"
+        assert raw[k]["opener_model"] == (None if ENDPOINT_SEEDS[list(raw).index(k)].get("prompt") else "sim")
     assert raw["l/0"]["end"] == "assistant truncated" and raw["l/0"]["messages"] == []
     assert raw["b/0"]["end"] == "assistant failed" and raw["b/0"]["messages"] == []
     assert "HTTP 400" in raw["b/0"]["error"] and "after 1 attempts" in raw["b/0"]["error"]  # not retried
     assert raw["u/0"]["end"] == "user failed" and raw["u/0"]["messages"] == expected_messages("A broken-user start", 1)
+    assert raw["s/0"]["end"] == "assistant failed" and "not a chat completion of valid text" in raw["s/0"]["error"]
+    assert "after 3 attempts" in raw["s/0"]["error"]
 
     # The teacher saw its system prompt, the user role its own; sampling settings went to the right role.
     for body in server.requests:
@@ -230,10 +235,10 @@ def test_endpoint_roles_dialogues_by_hand(tmp_path):
     stats = json.load(open(out / "clean.stats.json"))
     assert stats["duplicates_removed"] == 1 and stats["rows_written"] == len(cleaned)
     summary = json.load(open(out / "summary.json"))
-    assert summary["ended"] == {"complete": 6, "assistant truncated": 1, "assistant failed": 1, "user failed": 1}
-    assert summary["dialogues_written"] == 7 and summary["no_round_finished"] == 2
+    assert summary["ended"] == {"complete": 6, "assistant failed": 2, "assistant truncated": 1, "user failed": 1}
+    assert summary["dialogues_written"] == 7 and summary["no_round_finished"] == 3
     assert summary["rounds"] == sum(plan[k] for k in firsts) + 1
-    assert "7 of 9 dialogues written" in p.stdout
+    assert "7 of 10 dialogues written" in p.stdout
 
 
 def test_the_teacher_can_write_the_openers(tmp_path):
@@ -248,6 +253,7 @@ def test_the_teacher_can_write_the_openers(tmp_path):
     opener = raw["t/0"]["messages"][0]["content"]
     assert opener.startswith("Answer 1 to: Write the first message a curious person") and "tides" in opener
     assert raw["p/0"]["messages"][0]["content"] == "Hi there"
+    assert raw["t/0"]["opener_model"] == "teacher" and raw["p/0"]["opener_model"] is None
     to_teacher = [b for b in server.requests if b["model"] == "teacher"]
     assert len(to_teacher) == 3 and not any(b["model"] == "sim" for b in server.requests)
     ask = next(b for b in to_teacher if b["messages"][0]["content"] == generate.USER_SYSTEM)
@@ -299,17 +305,23 @@ def test_user_message_strips_what_models_wrap_around_it():
         "**You:** What is a tide?": "What is a tide?",
         "  \"Why does the moon matter?\"  ": "Why does the moon matter?",
         "\u201cWhy?\u201d": "Why?",
-        "Tell me more.\nAssistant: Sure, tides are": "Tell me more.",
-        "Tell me more.\n\n**AI:** Sure": "Tell me more.",
-        # Left alone: quotes that are not around it all, a colon later on, a label-like word not at the start.
+        '"User: What is a tide?"': "What is a tide?",           # quotes around a label and its message
+        "User: 'Why?'": "Why?",
+        # Left alone: quotes that are not around it all, a colon later on, a label-like word not at the start,
+        # brackets that belong to the text.
         '"Tides" and "waves": which is which?': '"Tides" and "waves": which is which?',
         "Question 2: is the moon the cause?": "Question 2: is the moon the cause?",
         "Here is my question: why?": "Here is my question: why?",
+        "(Question: why?)": "(Question: why?)",
         "Explain this:\n\nx = 1": "Explain this:\n\nx = 1",
         "User:": "",
     }
     for given, want in cases.items():
-        assert generate.user_message(given) == want, given
+        assert generate.user_message(given) == (want, False), given
+    # The model went on to write the answer: cut there, and the message counts as complete.
+    for given in ("Tell me more.\nAssistant: Sure, tides are", "Tell me more.\n\n**AI:** Sure",
+                  '"Tell me more."\nassistant : x'):
+        assert generate.user_message(given) == ("Tell me more.", True), given
 
 
 def test_rounds_are_drawn_per_dialogue_in_range():
@@ -324,17 +336,22 @@ def test_rounds_are_drawn_per_dialogue_in_range():
 def test_malformed_seed_rows_are_named_and_skipped(tmp_path):
     lines = ['{"topic": "tides"}', 'not json', '{"prompt": "a", "topic": "b"}', '{"text": "x"}',
              '{"material": 5}', '{"prompt": "  "}', '{"prompt": "ok", "id": true}', '[1]',
-             '{"prompt": "fine", "id": 12, "source": "mine"}']
+             '{"prompt": "fine", "id": 12, "source": "mine"}', '{"topic": "x", "source": "\\ud800"}',
+             '{"prompt": "ok", "id": "a\\udc00"}', '{"prompt": "\\ud83d"}']
     path = tmp_path / "s.jsonl"
     path.write_text("\n".join(lines) + "\n")
     dialogues, n_seeds, malformed = generate.read_seeds(str(path), openers_per_seed=3)
     assert n_seeds == 2 and [d["dialogue_id"] for d in dialogues][3:] == ["12/0"]
     assert [d["index"] for d in dialogues] == [0, 1, 2, 3] and dialogues[3]["source"] == "mine"
     assert dialogues[0]["source"] == "s.jsonl" and dialogues[0]["seed_kind"] == "topic"
-    assert [m.split(": ")[0] for m in malformed] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7, 8)]
+    assert [m.split(": ")[0] for m in malformed] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 11, 12)]
     assert "not valid JSON" in malformed[0] and "got 'prompt', 'topic'" in malformed[1]
     assert "got none" in malformed[2] and "'material': expected a string" in malformed[3]
     assert "'prompt' is empty" in malformed[4] and "'id'" in malformed[5]
+    # Lone surrogates (JSON-escaped) in any field: they could never be written out as UTF-8.
+    assert [m.split(": ", 1)[1] for m in malformed[7:]] == [
+        "'source': lone surrogate at 0; skipped", "'id': lone surrogate at 1; skipped",
+        "'prompt': lone surrogate at 0; skipped"]
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not valid JSON")):
         generate.read_seeds(str(path), 1, strict=True)
     assert len(generate.read_seeds(str(path), 1, max_seeds=1)[0]) == 1
@@ -347,6 +364,7 @@ def test_bad_config_is_named(tmp_path):
                            "max_rounds: 2 is below min_rounds=3"),
                           (["--assistant=http://x/v1"], "an endpoint needs |model=NAME"),
                           (["--assistant=http://x/v1|model=t", "--openers_by=judge"], "openers_by: 'judge'"),
+                          (["--assistant=http://x/v1|model=t", "--dtype=bf16"], "config dtype: 'bf16'"),
                           (["--assistant=http://x/v1|model=t", "--user=os:getcwd"], "config user: 'os:getcwd'")]:
         p = run([sys.executable, SCRIPT, f"--seeds={seeds}", f"--out_dir={tmp_path}/o", *args], check=False)
         assert p.returncode != 0 and message in p.stderr, (args, p.stderr[-500:])

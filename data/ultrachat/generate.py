@@ -31,7 +31,8 @@ assistant_system, if set, is the teacher's system prompt; it steers the teacher 
 Outputs in out_dir:
     parts/rank{r}.jsonl  one line per finished dialogue, appended and fsynced as it finishes (the resume state)
     raw.jsonl            every dialogue in input order: dialogue_id, source, seed_kind, user_model,
-                         assistant_model, rounds_planned, rounds, end (how it ended), error, messages
+                         assistant_model, opener_model, rounds_planned, rounds, end (how it ended: complete, or
+                         "opener|user|assistant failed|empty|truncated"), error, messages
     dialogues.jsonl      ultrachat_200k's schema (prompt, prompt_id = sha256 of it, messages) for every dialogue
                          with at least one round: data/ultrachat/prepare.py and sft.py take it as it is
     clean.jsonl          dialogues.jsonl cleaned as Zephyr cleaned UltraChat (data/ultrachat/clean.py: truecasing,
@@ -39,8 +40,9 @@ Outputs in out_dir:
     summary.json, config.json, metrics.jsonl
 
 Restarts are feedback.py's: with resume=true (the default) a run continues from its part files if the settings that
-decide the results are those of config.json in out_dir; a killed run loses at most the batch in flight; local
-sampling is seeded by (seed, batch index, round, role), so outputs do not depend on restarts or the number of ranks.
+decide the results are those of config.json in out_dir (for local models, also the device type behind device=auto,
+which decides their dtype); a killed run loses at most the batch in flight; local sampling is seeded by (seed, batch
+index, round, role), so outputs do not depend on restarts or the number of ranks.
 An endpoint samples on its own: rerun requests there give other text, which a restart never mixes into one dialogue.
 """
 
@@ -77,7 +79,7 @@ class Config:
     max_rounds: int = 5
     assistant_system: str = ""        # the teacher's system prompt (not written to the output)
     temperature: float = 0.7          # the assistant's sampling
-    top_p: float = 1.0
+    top_p: float = 1.0                # both roles' nucleus sampling
     max_new_tokens: int = 1024
     user_temperature: float = 1.0     # the user's: higher, for varied questions
     user_max_new_tokens: int = 256
@@ -120,21 +122,26 @@ FOLLOW_UP = ("Here is your conversation with an AI assistant so far (\"You\" is 
              "for more detail or an example, a related question, or a new task on the same subject. Reply with the "
              "message only.")
 
-# Labels a user model tends to put before the message, and the point where it starts writing the answer too.
-LABEL_RE = re.compile(r"^\W{0,3}(?:you|user|human|person|me|message|question|follow-?up|next message)\W{0,3}:\W{0,2}",
-                      re.IGNORECASE)
-ANSWER_RE = re.compile(r"\n\s*\W{0,3}(?:assistant|ai)\W{0,3}:", re.IGNORECASE)
+# Labels a user model tends to put before the message (markdown emphasis allowed around them), and the point where
+# it starts writing the answer too.
+LABEL_RE = re.compile(r"^[*_#\s]{0,3}(?:you|user|human|person|me|message|question|follow-?up|next message)[*_]{0,3}"
+                      r"\s*:\s*[*_]{0,2}\s*", re.IGNORECASE)
+ANSWER_RE = re.compile(r"\n\s*[*_#]{0,3}(?:assistant|ai)[*_]{0,3}\s*:", re.IGNORECASE)
 QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d"}
 
 
-def user_message(text):
-    """The user role's reply -> the message: without a leading label, an answer it went on to write, or quotes
-    around it all."""
-    text = ANSWER_RE.split(text, maxsplit=1)[0].strip()
-    text = LABEL_RE.sub("", text, count=1).strip()
+def _unquoted(text):
     if len(text) >= 2 and QUOTES.get(text[0]) == text[-1] and text[0] not in text[1:-1]:
-        text = text[1:-1].strip()
+        return text[1:-1].strip()
     return text
+
+
+def user_message(text):
+    """The user role's reply -> (the message: without a leading label, quotes around it all, or an answer it went
+    on to write; whether it went on, i.e. the message itself is complete even if the reply hit the token limit)."""
+    head, *rest = ANSWER_RE.split(text, maxsplit=1)
+    text = _unquoted(head.strip())
+    return _unquoted(LABEL_RE.sub("", text, count=1).strip()), bool(rest)
 
 
 def transcript(messages):
@@ -168,16 +175,15 @@ def parse_seed_row(row, default_source):
         raise ValueError(f"'{kind}': expected a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"'{kind}' is empty")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # a JSON-escaped lone surrogate
-        raise ValueError(f"'{kind}': lone surrogate at {e.start}") from None
+    common.check_utf8(text, kind)
     sid = row.get("id")
     if sid is None:
         sid = hashlib.sha256(f"{kind}\n{text}".encode("utf-8")).hexdigest()[:16]
     elif isinstance(sid, bool) or not isinstance(sid, (str, int)) or sid == "":
         raise ValueError(f"'id': expected a non-empty string or an integer, got {sid!r:.40}")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
+    common.check_utf8(str(sid), "id")
+    common.check_utf8(source, "source")
     return dict(seed_kind=kind, text=text, seed_id=str(sid), source=source)
 
 
@@ -241,9 +247,11 @@ def write_dialogues(batch, j, user, assistant, names, cfg, device):
             replies = call(writer, [user_chat(batch[i], messages[i]) for i in need], cfg.user_max_new_tokens,
                            cfg.user_temperature, r, "user")
             for i, reply in zip(need, replies):
-                text = user_message(reply["text"] or "")
+                text, went_on = user_message(reply["text"] or "")
+                if went_on:  # the message ended where the model started on the answer: not cut off
+                    reply = dict(reply, finish_reason="stop")
                 if (why := problem(reply, text, cfg)) is not None:
-                    ended[i] = ("user " + why[0], why[1])
+                    ended[i] = (("opener " if r == 0 else "user ") + why[0], why[1])
                 elif r == 0 and batch[i]["seed_kind"] == "material":
                     asked[i] = f"{text}\n\n{batch[i]['text']}"
                 else:
@@ -259,7 +267,8 @@ def write_dialogues(batch, j, user, assistant, names, cfg, device):
                 messages[i] += [{"role": "user", "content": asked[i]}, {"role": "assistant", "content": text}]
 
     records = [{"dialogue_id": x["dialogue_id"], "source": x["source"], "seed_kind": x["seed_kind"],
-                "user_model": names["user"], "assistant_model": names["assistant"], "rounds_planned": plans[i],
+                "user_model": names["user"], "assistant_model": names["assistant"],
+                "opener_model": None if x["seed_kind"] == "prompt" else names[cfg.openers_by], "rounds_planned": plans[i],
                 "rounds": len(messages[i]) // 2, "end": ended[i][0] if ended[i] else "complete",
                 "error": ended[i][1] if ended[i] else None, "messages": messages[i]} for i, x in enumerate(batch)]
     return records, tokens
@@ -307,6 +316,7 @@ def check_config(cfg):
                 "max_attempts", "concurrency"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config {key}: {getattr(cfg, key)} must be >= 1")
+    common.check_dtype(cfg)
     if cfg.openers_by not in ("user", "assistant"):
         raise ValueError(f"config openers_by: {cfg.openers_by!r}; choose user or assistant")
     if cfg.max_rounds < cfg.min_rounds:
@@ -346,7 +356,8 @@ def main(argv):
             return records, tokens, time.time() - t0
         return work
 
-    totals = common.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue")
+    totals = common.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue",
+                                 common.local_device(list(specs.values()), d))
     if d.main:
         s = merge(cfg, dialogues, n_seeds, malformed, common.run_stats(totals, time.time() - t_start, "dialogue"))
         print(f"{s['dialogues_written']} of {s['dialogues']} dialogues written ({s['rounds']} rounds; ended: "
