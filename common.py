@@ -379,6 +379,11 @@ def keep_until(path, step):
     os.replace(tmp, path)
 
 
+def quiet_bars():
+    # Progress bars only on a terminal (or with TQDM_FORCE=1): in a log file their redraws are noise.
+    return not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1"
+
+
 class Logger:
     def __init__(self, out_dir, d, total_steps, initial_step=0, desc="train"):
         self.main = d.main
@@ -390,7 +395,7 @@ class Logger:
             keep_until(path, initial_step)
             self.file = open(path, "a")
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
-                            disable=not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1")
+                            disable=quiet_bars())
 
     def log(self, step, advance=True, **metrics):
         if not self.main:
@@ -849,9 +854,8 @@ def run_in_parts(cfg, d, items, key, resume_free, start_worker, unit, fixed=None
         print(f"{len(items)} {unit}s, {len(done)} already done; {d.world} ranks")
     work = start_worker() if todo else None
     my_total = sum(len(batch(j)) for j in mine)
-    quiet = not sys.stderr.isatty() and os.environ.get("TQDM_FORCE") != "1"  # as Logger
     bar = tqdm(total=my_total, initial=my_total - remaining, desc=f"{unit}s (rank 0 of {d.world})",
-               dynamic_ncols=True, disable=not d.main or quiet)
+               dynamic_ncols=True, disable=not d.main or quiet_bars())
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if d.main else None
     tokens, gen_s, written, t0 = 0, 0.0, 0, time.time()
     with open(os.path.join(parts_dir, f"rank{d.rank}.jsonl"), "a", encoding="utf-8") as part:

@@ -64,6 +64,20 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def check_bad_row_report(report, err, src, bad_lines):
+    """A prepare script's report and stderr for the file `src` of bad_lines, (line bytes, reason or None) pairs:
+    each bad row named on stderr by row number and reason, and counted by reason. Returns the counts."""
+    expected = {}
+    for line_number, (line, reason) in enumerate(bad_lines, 1):
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+            assert f"{src}: row {line_number}: {reason}:" in err
+    assert report["bad_rows"] == expected
+    assert report["n_bad_rows"] == sum(expected.values()) == len(report["first_bad_rows"])
+    assert report["rows_read"] == sum(1 for line, _ in bad_lines if line)
+    return expected
+
+
 def write_parquet(path, rows):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

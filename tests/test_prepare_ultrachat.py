@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assistant, user, write_jsonl, write_parquet
+from conftest import assistant, check_bad_row_report, user, write_jsonl, write_parquet
 from data import shards as shards_module
 from data.shards import Shards, ShardWriter
 from data.tokenizer import Tokenizer
@@ -129,15 +129,7 @@ def test_bad_rows_are_reported_with_their_line_numbers_and_skipped(tmp_path, tok
     src = write_bad_jsonl(tmp_path / "bad.jsonl")
     report = prep.prepare([src], tokenizer_path, tmp_path / "out", "train")
     err = capsys.readouterr().err
-
-    expected = {}
-    for line_number, (line, reason) in enumerate(BAD_LINES, 1):
-        if reason:
-            expected[reason] = expected.get(reason, 0) + 1
-            assert f"{src}: row {line_number}: {reason}:" in err
-    assert report["bad_rows"] == expected
-    assert report["n_bad_rows"] == sum(expected.values()) == len(report["first_bad_rows"])
-    assert report["rows_read"] == sum(1 for line, _ in BAD_LINES if line)
+    expected = check_bad_row_report(report, err, src, BAD_LINES)
 
     s = Shards(tmp_path / "out", "train")
     assert s.meta["bad_rows"] == expected  # the json keeps the counts

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import assistant, system, user, write_jsonl, write_parquet
+from conftest import assistant, check_bad_row_report, system, user, write_jsonl, write_parquet
 from data.shards import Shards
 from data.tokenizer import Tokenizer, render_chat
 from data.ultrafeedback import prepare as prep
@@ -252,15 +252,7 @@ def test_bad_rows_are_reported_with_their_line_numbers_and_good_rows_come_throug
     src = str(src)
     report = prep.prepare([src], tokenizer_path, tmp_path / "out", "train")
     err = capsys.readouterr().err
-
-    expected = {}
-    for line_number, (line, reason) in enumerate(BAD_LINES, 1):
-        if reason:
-            expected[reason] = expected.get(reason, 0) + 1
-            assert f"{src}: row {line_number}: {reason}:" in err
-    assert report["bad_rows"] == expected
-    assert report["n_bad_rows"] == sum(expected.values()) == len(report["first_bad_rows"])
-    assert report["rows_read"] == sum(1 for line, _ in BAD_LINES if line)
+    expected = check_bad_row_report(report, err, src, BAD_LINES)
     assert "field 'rejected': messages[1]['content']: missing" in err  # check_messages names index and field
 
     good = [json.loads(line) for line, reason in BAD_LINES if line and reason is None]
