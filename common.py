@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -163,30 +164,41 @@ def all_reduce_sum(x, d):
 # Model: built on the meta device, sharded with FSDP2, weights loaded slice by slice
 
 
+def model_config(init_from, model_preset="tiny"):
+    """The MistralConfig of `init_from` (its config.json: no weight is read) or of the preset for "scratch"."""
+    if init_from == "scratch":
+        return config_from_preset(model_preset)
+    return MistralConfig.from_json(os.path.join(init_from, "config.json"))
+
+
 def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True, activation_checkpointing=False,
                 compile=False, reshard_after_forward=True):
     """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
     Returns the FSDP2-sharded model and its MistralConfig. Parameters are fp32 masters; on CUDA with
     mixed_precision, compute runs in bf16 with fp32 gradient reductions."""
+    cfg = model_config(init_from, model_preset)
     if init_from == "scratch":
-        cfg = config_from_preset(model_preset)
         # Small models only: every rank builds the full model with the same seed, then keeps its shard.
         # That makes a 1-rank and a 2-rank run start from identical weights.
         model = Mistral(cfg)
         model.init_weights(seed)
         model.to(torch.float32)
     else:
-        cfg = MistralConfig.from_json(os.path.join(init_from, "config.json"))
         reader = CheckpointReader(init_from)
         with torch.device("meta"):
             model = Mistral(cfg)
         reader.check_against(model)  # names and shapes, before any sharding or reading
-    model.activation_checkpointing = activation_checkpointing
     mp = None
     if mixed_precision and d.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kw = {"mp_policy": mp} if mp is not None else {}
+    # torchtitan's order per decoder layer: checkpoint, compile, then shard. Compile traces the checkpointed
+    # forward as one region, and FSDP's hooks sit outside both: the recomputation in backward runs on the
+    # parameters that the backward all-gather brought in (2 all-gathers per layer and micro-step, with or
+    # without checkpointing: tests/test_fsdp.py counts them).
     for layer in model.model.layers:
+        if activation_checkpointing:
+            checkpoint_layer(layer)
         if compile:
             layer.compile()  # in place: parameter names stay HF's
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
@@ -197,6 +209,20 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
         model.to_empty(device=d.device)
         load_sharded(model, reader)
     return model, cfg
+
+
+def checkpoint_layer(layer):
+    """Activation checkpointing of one module, in place: keep only its inputs in forward and recompute its
+    insides in backward. Unlike torch's checkpoint_wrapper it adds no module level, so the parameter names stay
+    Hugging Face's. Without grad (evaluation, reference log-probs) it just runs the layer."""
+    forward = layer.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    layer.forward = checkpointed
 
 
 def local_rows(p):

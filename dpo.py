@@ -272,7 +272,6 @@ def main(argv):
         sums = {}
         for m in range(accum):
             mine = step_pairs[m * pairs_per_micro + d.rank * cfg.micro_batch_size:][:cfg.micro_batch_size].tolist()
-            model.set_requires_gradient_sync(m == accum - 1)
             out = run_pairs(model, ref_model, train, ref_train, mine, cfg, d)
             # Mean over the global batch's pairs; FSDP averages gradients over ranks, so scale by world.
             (out[0].sum() * (d.world / cfg.global_batch_size)).backward()

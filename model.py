@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -338,7 +337,6 @@ class Mistral(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.activation_checkpointing = False  # set by the training scripts
         self.model = MistralModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -400,12 +398,8 @@ class Mistral(nn.Module):
         x = self.model.embed_tokens(input_ids)                                      # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         mask = self._mask(x, T, attention_mask, segment_ids, cache)
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each layer's input; recompute its insides in backward (names stay HF's).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        for layer in self.model.layers:  # activation checkpointing, if any, is set per layer (common.build_model)
+            x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None, segment_ids=None,

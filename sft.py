@@ -191,7 +191,6 @@ def main(argv):
         for m in range(accum):
             mine = rows[m * rows_per_micro + d.rank * cfg.micro_batch_size:][:cfg.micro_batch_size]
             batch = {k: v.to(d.device) for k, v in make_batch(train, mine, cfg.seq_len, cfg.packing).items()}
-            model.set_requires_gradient_sync(m == accum - 1)
             mask = (batch["targets"] != -100).float()
             nll = -model(**batch, expected_grad=-mask).sum()  # the kernel may precompute its gradient
             (nll * (d.world / max(n_global, 1))).backward()
