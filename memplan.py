@@ -16,8 +16,8 @@ What it counts (per rank; FSDP2 shards every parameter's dim 0 over the ranks, p
   fsdp         unsharded parameters in the compute dtype: the root group (embeddings, final norm, LM head) for
                the whole step, decoder layers one at a time (two on CUDA: the next one is prefetched); in
                backward a layer's unsharded gradients and the reduce-scatter input (fp32).
-The peak is the persistent part plus the largest of three moments: the end of forward (in the head), the
-backward of the last decoder layer, and (DPO) the head's backward. It is a model of our code, checked against
+The peak is the persistent part plus the largest of these moments: the end of forward (in the head), the
+backward of the last decoder layer, (DPO) the head's backward, and the root group's reduce-scatter at the end. It is a model of our code, checked against
 a hand computation for Mistral-7B and against torch's allocator on CPU (tests/test_memplan.py); it leaves out
 the CUDA context, NCCL buffers and allocator fragmentation, which is why `check` keeps 10% of the device free.
 """
@@ -164,6 +164,10 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
         "backward of the last layer": acts + root + hidden + recompute + layer_bwd + layers + grads
                                       + head_grad + c * D * tok,
     }
+    # The root group's backward ends the step: its unsharded gradients (embeddings, LM head) and the
+    # reduce-scatter input, next to its unsharded parameters; the activations are gone by then.
+    root_grads = (1 if mcfg.tie_word_embeddings else 2) * c * V * D if head_trainable else 0
+    moments["end of backward (root reduce-scatter)"] = root + root_grads + (4 * P_root if head_trainable else 0)
     if not one_pass:  # DPO's head backward: chunks recomputed, grad_w accumulated, then cast
         moments["head backward"] = acts + root + hidden + chunk + grad_h + grad_w + head_grad
     moment = max(moments, key=moments.get)
@@ -223,6 +227,20 @@ def check(p, device_bytes, mcfg, tcfg, seq_len=None):
         f"with it):\n  " + "\n  ".join(tips) + "\nor set MEMPLAN_CHECK=0 to start anyway.")
 
 
+def at_start(mcfg, tcfg, d, stage, seq_len=None):
+    """sft.py and dpo.py, before any weight is read: print the plan (rank 0) and, on CUDA, stop every rank
+    with the knobs to turn when it does not fit the device (MEMPLAN_CHECK=0 skips the check)."""
+    import os
+    import torch
+    p = plan(mcfg, tcfg, d.world, d.device.type, stage, seq_len)
+    total = torch.cuda.get_device_properties(d.device).total_memory if d.device.type == "cuda" else None
+    if d.main:
+        print(format_plan(p, total), flush=True)
+    if total is not None and os.environ.get("MEMPLAN_CHECK", "1") != "0":
+        check(p, total, mcfg, tcfg, seq_len)
+    return p
+
+
 def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
     """Mistral-7B with LoRA on one GPU: planned peak per micro batch, and which cards it fits."""
     import dataclasses
@@ -248,26 +266,32 @@ def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
 
 
 def main(argv):
+    """python memplan.py PRESET.json [--key=value ...] [--world=8] [--gpu_gb=80] [--model=mistral-7b] [--stage=sft|dpo]
+    --model: a model.py preset instead of init_from's config.json (to plan without the checkpoint at hand)."""
     import common
     import dpo
     import sft
-    opts = {a.split("=")[0]: a.split("=", 1)[1] for a in argv if a.startswith(("--world=", "--gpu_gb="))}
-    rest = [a for a in argv if not a.startswith(("--world=", "--gpu_gb=", "--lora_table", "--stage="))]
+    from model import config_from_preset
+    ours = ("--world=", "--gpu_gb=", "--model=", "--stage=", "--lora_table")
+    opts = {a.split("=")[0]: a.split("=", 1)[1] for a in argv if a.startswith(ours) and "=" in a}
     if "--lora_table" in argv:
         for stage in ("sft", "dpo"):
-            print(f"\nMistral-7B, LoRA rank 16 on all projections, bf16 base, seq 2048, checkpointing, 1 GPU, {stage}:")
+            rows = "micro batch rows" if stage == "sft" else "micro batch pairs (2 rows each)"
+            print(f"\nMistral-7B {stage}, LoRA rank 16 on all 7 projections, bf16 base, seq 2048, checkpointing, 1 GPU; "
+                  f"{rows}:")
             print("| micro batch | planned peak | " + " | ".join(f"{gb} GB" for gb in CARDS) + " |")
             print("|---:|---:|" + ":---:|" * len(CARDS))
             for mb, peak, ok in lora_table(stage):
                 print(f"| {mb} | {peak / GIB:.1f} GiB | " + " | ".join("fits" if ok[g] else "no" for g in CARDS) + " |")
         return
-    stage = next((a.split("=", 1)[1] for a in argv if a.startswith("--stage=")), None)
-    mod = {"sft": sft, "dpo": dpo}[stage or ("dpo" if any("dpo" in a for a in rest) else "sft")]
+    rest = [a for a in argv if not a.startswith(ours)]
+    stage = opts.get("--stage") or ("dpo" if any("dpo" in a for a in rest) else "sft")
+    mod = {"sft": sft, "dpo": dpo}[stage]
     tcfg = common.parse_config(mod.Config, rest)
-    mcfg = common.model_config(tcfg.init_from, getattr(tcfg, "model_preset", "tiny"))
-    world = int(opts.get("--world", 8))
+    mcfg = (config_from_preset(opts["--model"]) if "--model" in opts
+            else common.model_config(tcfg.init_from, getattr(tcfg, "model_preset", "tiny")))
     seq = getattr(tcfg, "seq_len", None) or getattr(tcfg, "max_length", None) or 1024
-    p = plan(mcfg, tcfg, world, "cuda", mod.__name__, seq)
+    p = plan(mcfg, tcfg, int(opts.get("--world", 8)), "cuda", stage, seq)
     gb = float(opts.get("--gpu_gb", 80))
     print(format_plan(p, CARDS.get(int(gb), gb) * GIB))
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import common
+import memplan
 from data.shards import Shards
 
 
@@ -161,6 +162,7 @@ def main(argv):
                          f"of {cfg.global_batch_size}")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
 
+    memplan.at_start(common.model_config(cfg.init_from, cfg.model_preset), cfg, d, "sft")
     model, mcfg = common.build_model(cfg.init_from, d, cfg.model_preset, cfg.seed, cfg.mixed_precision,
                                      cfg.activation_checkpointing, cfg.compile)
     if train.meta["vocab_size"] != mcfg.vocab_size:
