@@ -285,6 +285,8 @@ def main(argv):
         metrics["grad_norm"] = common.optimizer_step(model, optimizer, cfg.grad_clip, step, metrics["loss"], last_ckpt)
         step += 1
         metrics.update(lr=lr, epoch=step / steps_per_epoch, pairs_per_s=cfg.global_batch_size / (time.time() - t0))
+        if d.device.type == "cuda":  # against the memory plan printed at start
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             metrics.update(evaluate(model, ref_model, test, ref_test, cfg, d))
         log.log(step, **metrics)

@@ -1,8 +1,8 @@
 # Under torchrun (gloo, CPU): a few SFT-style optimizer steps of the tiny model through common.build_model, in
 # several modes, recording what tests/test_fsdp.py compares across modes and rank counts.
 #   python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_train.py OUT.npz plain,ac,nosync[,compile]
-# Each mode: 2 optimizer steps of 4 micro-steps x 2 rows per rank (the global batch of 16 rows is the same for
-# any number of ranks). After every micro-step's backward it records whether each parameter's .grad is a
+# Each mode: 2 optimizer steps of 16 rows: 2 rows per micro-step and rank, 16 / (2 x ranks) micro-steps (the
+# same rows for any number of ranks). After every micro-step's backward it records whether each parameter's .grad is a
 # sharded DTensor of its local shard's shape and whether FSDP holds any unsharded gradient, the gradient bytes
 # on this rank, and the all-gathers per step; at the end the losses, gradient norms and gathered weights.
 import sys
@@ -15,8 +15,8 @@ from torch.distributed.tensor import DTensor
 
 import common
 
-STEPS, ACCUM, MICRO, T = 2, 4, 2, 32
-GLOBAL = 16
+STEPS, MICRO, T = 2, 2, 32
+GLOBAL = 16  # rows per optimizer step, over all ranks and micro-steps
 
 
 def unsharded_grad_bytes(model):
@@ -50,6 +50,7 @@ def run(mode, d):
 
     _fsdp_param_group.foreach_all_gather = counting
     losses, norms, sharded_ok, unsharded, grad_bytes, ag = [], [], [], [], [], []
+    ACCUM = GLOBAL // (MICRO * d.world)
     for step in range(STEPS):
         gathers[0] = 0
         total = 0.0
