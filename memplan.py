@@ -250,7 +250,7 @@ def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
     @dataclasses.dataclass
     class T:
         micro_batch_size: int
-        seq_len: int = seq_len
+        seq_len: int = 2048
         activation_checkpointing: bool = True
         mixed_precision: bool = True
         reference: str = "precomputed"
@@ -260,7 +260,7 @@ def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
 
     out = []
     for mb in micro_batches:
-        p = plan(mcfg, T(mb), 1, "cuda", stage, seq_len)
+        p = plan(mcfg, T(mb, seq_len), 1, "cuda", stage, seq_len)
         out.append((mb, p["peak"], {gb: fits(p, g * GIB) for gb, g in CARDS.items()}))
     return out
 

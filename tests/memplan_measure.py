@@ -34,8 +34,6 @@ def main(out, spec):
         del M.PRESETS["_measure"]
         opt = common.make_optimizer(model, 1e-4)
         dist.barrier()
-        t_start = torch.profiler.kineto_available() and None
-        start_ns = [0]
         with torch.profiler.record_function("## train ##"):
             for step in range(2):
                 for m in range(spec["accum"]):
@@ -54,7 +52,6 @@ def main(out, spec):
                         loss = -model(ids[:, :-1], targets=targets, segment_ids=seg, expected_grad=-mask).sum() / (B * T)
                     loss.backward()
                 common.optimizer_step(model, opt, 1.0, step, loss.item(), None)
-    del t_start, start_ns
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() in ("[memory]", "## train ##")),
                     key=lambda e: e.start_ns())
     train = [e for e in events if e.name() == "## train ##"][0]
