@@ -2,7 +2,7 @@
 number of ranks alone. sft.py and dpo.py print it before any weight is read, and on CUDA stop with the knob to
 turn when it does not fit, instead of failing after every rank has loaded 14 GB.
 
-    python memplan.py config/sft_public.json [--world=8] [--gpu_gb=80]       # print a plan, read nothing else
+    python memplan.py config/sft_public.json --model=mistral-7b [--world=8] [--gpu_gb=80]   # a plan, no weights
     python memplan.py --lora_table                                           # Mistral-7B LoRA on one GPU
 
 What it counts (per rank; FSDP2 shards every parameter's dim 0 over the ranks, padded to a multiple of them):
