@@ -190,7 +190,7 @@ def merged(model, named_tensors, adapter, merge=True):
                 base, w = held
                 a = adapter[PEFT_PREFIX + base[:-len("weight")] + "lora_A.weight"]  # (r, in)
                 b = adapter[PEFT_PREFIX + name]                                      # (out, r)
-                yield base, (w.float() + scaling[base] * (b @ a).to(w.device)).to(w.dtype) if merge else w
+                yield base, w.float() + scaling[base] * (b @ a).to(w.device) if merge else w  # fp32; export casts
                 held = None
         else:
             yield name, t
