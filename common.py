@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+import lora
 from model import CheckpointReader, Mistral, MistralConfig, config_from_preset, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -172,10 +173,11 @@ def model_config(init_from, model_preset="tiny"):
 
 
 def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True, activation_checkpointing=False,
-                compile=False, reshard_after_forward=True):
+                compile=False, reshard_after_forward=True, adapters=None):
     """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
     Returns the FSDP2-sharded model and its MistralConfig. Parameters are fp32 masters; on CUDA with
-    mixed_precision, compute runs in bf16 with fp32 gradient reductions."""
+    mixed_precision, compute runs in bf16 with fp32 gradient reductions. adapters: lora.Settings (or None):
+    LoRA adapters beside the frozen base weights, which are then stored in bf16 on CUDA with mixed_precision."""
     cfg = model_config(init_from, model_preset)
     if init_from == "scratch":
         # Small models only: every rank builds the full model with the same seed, then keeps its shard.
@@ -188,6 +190,10 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
         with torch.device("meta"):
             model = Mistral(cfg)
         reader.check_against(model)  # names and shapes, before any sharding or reading
+    if adapters is not None:
+        lora.apply(model, adapters)  # before sharding: FSDP shards frozen and adapter parameters together
+        if mixed_precision and d.device.type == "cuda":
+            lora.freeze_base_dtype(model, torch.bfloat16)
     mp = None
     if mixed_precision and d.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -208,6 +214,8 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
     else:
         model.to_empty(device=d.device)
         load_sharded(model, reader)
+    if adapters is not None:
+        lora.init_adapters(model, adapters, seed)
     return model, cfg
 
 
@@ -238,29 +246,35 @@ def load_sharded(model, reader):
     # no rank ever holds the full weights.
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
-        if local.numel() == 0:
+        if local.numel() == 0 or lora.is_adapter(name):  # adapters: lora.init_adapters
             continue
         start, stop = local_rows(p) if isinstance(p, DTensor) else (0, p.shape[0])
         local.copy_(reader.get(name, dtype=local.dtype, device=local.device, rows=(start, stop)))
 
 
-def export_hf(model, cfg, path, d, tokenizer=None, dtype=torch.bfloat16):
+def export_hf(model, cfg, path, d, tokenizer=None, dtype=torch.bfloat16, adapter=None, merge=True):
     """Gather the sharded model tensor by tensor; rank 0 streams them into an HF directory. Peak memory on
-    rank 0 is one shard file (5 GB at most), never the whole model."""
+    rank 0 is one shard file (5 GB at most), never the whole model. A LoRA model is exported as the plain
+    model, its adapters merged into the weights (merge=False: the base weights), the adapter tensors collected
+    into the dict `adapter` (PEFT names, see lora.merged)."""
     names = [n for n in model.state_dict() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     sd = model.state_dict()
 
     def gathered():
         for name in names:
             t = sd[name]
-            t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank calls it
-            yield name, t.to(dtype)
+            yield name, t.full_tensor() if isinstance(t, DTensor) else t  # a collective: every rank calls it
+
+    stream = gathered()
+    if lora.lora_modules(model):
+        stream = lora.merged(model, stream, {} if adapter is None else adapter, merge)
+    stream = ((name, t.to(dtype)) for name, t in stream)
 
     out_cfg = dataclasses.replace(cfg, dtype=str(dtype).replace("torch.", ""))
     if d.main:
-        save_checkpoint(path, out_cfg, gathered(), tokenizer=tokenizer)
+        save_checkpoint(path, out_cfg, stream, tokenizer=tokenizer)
     else:
-        for _ in gathered():
+        for _ in stream:
             pass
     dist.barrier()
 
@@ -270,7 +284,8 @@ def export_hf(model, cfg, path, d, tokenizer=None, dtype=torch.bfloat16):
 
 
 def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.999), device_type="cpu"):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                              fused=True)  # torch's fused AdamW runs on CPU too: ~5x faster step there
 
 
@@ -317,7 +332,7 @@ def save_train_checkpoint(ckpt_dir, step, model, optimizer, d, state, config, ke
         os.makedirs(tmp)
     dist.barrier()
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=lora.checkpoint_options(model))
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         write_json(os.path.join(tmp, f"train_state_rank{d.rank}.json"), {**state, "rng": _rng_state()})
         dist.barrier()
@@ -374,10 +389,12 @@ def list_checkpoints(ckpt_dir):
 def load_train_checkpoint(path, model, optimizer, d):
     """Restore model, optimizer and this rank's train state (data position, RNG). Works for another world
     size too (DCP reshards), except the RNG state, which then comes from rank 0's file."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = lora.checkpoint_options(model)  # with LoRA: the adapters (the frozen base came from init_from)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=options)
     fn = os.path.join(path, f"train_state_rank{d.rank}.json")
     if not os.path.exists(fn):
         fn = os.path.join(path, "train_state_rank0.json")
@@ -517,10 +534,13 @@ def set_lr(optimizer, lr):
 def finish(model, mcfg, cfg, d, tokenizer):
     """Export the final model as a Hugging Face directory (out_dir/hf) with the run's config beside it."""
     hf_dir = os.path.join(cfg.out_dir, "hf")
-    export_hf(model, mcfg, hf_dir, d, tokenizer, getattr(torch, cfg.export_dtype))
+    adapter = {}
+    export_hf(model, mcfg, hf_dir, d, tokenizer, getattr(torch, cfg.export_dtype), adapter=adapter)
     if d.main:
         write_json(os.path.join(hf_dir, "train_config.json"), dataclasses.asdict(cfg))
         print(f"exported {hf_dir}")
+    if adapter:
+        lora.export_adapter(model, mcfg, cfg, d, tokenizer, adapter)
     shutdown()
 
 

@@ -7,7 +7,8 @@ Data: the output of data/ultrafeedback/prepare.py: pairs stored as consecutive e
 chosen, 2i+1 = prompt + rejected) with loss masks on the answer tokens only.
 The reference model is the starting point itself, frozen. By default its log-probs are computed once, before
 training, and cached next to the data, so training holds a single model; --reference=live keeps a second,
-sharded copy instead (same numbers, more memory).
+sharded copy instead (same numbers, more memory). With LoRA (--lora_rank > 0) the default is --reference=base:
+the reference is the same model with its adapters switched off, computed alongside each step (lora.py).
 """
 
 import hashlib
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
+import lora
 import memplan
 from data.shards import Shards
 
@@ -38,7 +40,7 @@ class Config:
     loss_type: str = "sigmoid"                   # sigmoid | ipo | hinge
     label_smoothing: float = 0.0                 # > 0 with sigmoid: conservative DPO
     rpo_alpha: float = 0.0                       # weight of an NLL term on the chosen answers (RPO)
-    reference: str = "precomputed"               # precomputed | live
+    reference: str = "auto"                      # precomputed | live | base (LoRA); auto: base with LoRA, else precomputed
     global_batch_size: int = 32                  # pairs per optimizer step, over all ranks and micro-steps
     micro_batch_size: int = 2                    # pairs per forward pass per rank (2x sequences)
     epochs: float = 3.0
@@ -60,6 +62,12 @@ class Config:
     stop_after: int = -1
     export_dtype: str = "bfloat16"
     device: str = "auto"
+    # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0                     # > 0 makes runs depend on the number of ranks (dropout masks)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_from: str = ""                           # a PEFT adapter directory to continue from
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
@@ -117,7 +125,8 @@ def reference_logps(model, shards, n_pairs, cfg, d, average):
     out = torch.zeros(n_pairs, 2, dtype=torch.float64, device=d.device)
     for pairs, real in common.rank_batches(n_pairs, cfg.micro_batch_size, d):
         batch = {k: v.to(d.device) for k, v in pair_batch(shards, pairs).items()}
-        s, _ = sequence_logps(model, batch, average)
+        with lora.disabled(model):  # with LoRA, the reference is the base model (init_from), as for reference=base
+            s, _ = sequence_logps(model, batch, average)
         if real:
             out[pairs] = s.view(2, -1).T.double()
     # Ranks that ran out of pairs still join the collective; each pair was filled by exactly one rank.
@@ -182,13 +191,20 @@ def run_pairs(model, ref_model, shards, ref_cache, pairs, cfg, d):
     """Policy (and, if live, reference) log-probs of a micro-batch of pairs -> per-pair losses and stats."""
     average = cfg.loss_type == "ipo"
     batch = {k: v.to(d.device) for k, v in pair_batch(shards, pairs).items()}
+    rc = rr = None
+    if cfg.reference == "base":
+        # The same weights with the adapters off: no second model, no cache. Before the policy's forward, so
+        # that the forward whose graph backward walks is the model's last.
+        with torch.no_grad(), lora.disabled(model):
+            rs, _ = sequence_logps(model, batch, average)
+        rc, rr = rs.view(2, -1).float()
     (s, n) = sequence_logps(model, batch, average)
     pc, pr = s.view(2, -1)
     if ref_model is not None:
         with torch.no_grad():
             rs, _ = sequence_logps(ref_model, batch, average)
         rc, rr = rs.view(2, -1).float()
-    else:
+    elif rc is None:
         ref = torch.from_numpy(ref_cache[pairs]).to(d.device, torch.float32)
         rc, rr = ref[:, 0], ref[:, 1]
     losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
@@ -216,8 +232,13 @@ def evaluate(model, ref_model, shards, ref_cache, cfg, d):
 
 def main(argv):
     cfg = common.parse_config(Config, argv)
-    if cfg.reference not in ("precomputed", "live"):
-        raise ValueError(f"config: reference={cfg.reference!r}; choose precomputed or live")
+    adapters = lora.settings(cfg)
+    if cfg.reference == "auto":
+        cfg.reference = "base" if adapters else "precomputed"
+    if cfg.reference not in ("precomputed", "live", "base"):
+        raise ValueError(f"config: reference={cfg.reference!r}; choose precomputed, live or base")
+    if cfg.reference == "base" and not adapters:
+        raise ValueError("config: reference=base is the model with its LoRA adapters off; it needs lora_rank > 0")
     dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # checks
     d = common.setup_dist(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -238,7 +259,8 @@ def main(argv):
     longest = int(max(train.lengths.max(), test.lengths.max()))
     memplan.at_start(common.model_config(cfg.init_from), cfg, d, "dpo", min(longest, getattr(cfg, "max_length", 0) or longest))
     model, mcfg = common.build_model(cfg.init_from, d, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-                                     activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                                     activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                     adapters=adapters)
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")
@@ -249,7 +271,7 @@ def main(argv):
         ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision)
         ref_model.requires_grad_(False)
         ref_model.eval()
-    else:
+    elif cfg.reference == "precomputed":
         # Before the optimizer exists and before any resume: the reference is the initial weights.
         ref_train = cached_reference(model, train, "train", cfg, d, average)
         ref_test = cached_reference(model, test, "test", cfg, d, average)
@@ -259,7 +281,7 @@ def main(argv):
         f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}, "
         f"reference: {cfg.reference}",
         f"data: {n_pairs} train pairs, {len(test) // 2} test pairs; {steps_per_epoch} steps/epoch, {total_steps} "
-        f"steps of {accum} micro-steps x {cfg.micro_batch_size} pairs per rank"])
+        f"steps of {accum} micro-steps x {cfg.micro_batch_size} pairs per rank", *lora.describe(model, adapters)])
 
     log = common.Logger(cfg.out_dir, d, total_steps, step, desc="dpo")
     order = {}

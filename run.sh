@@ -4,7 +4,8 @@
 #   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
 #   bash run.sh zephyr-7b   the paper's recipe on a GPU node (paths from the environment, see below)
 #
-# Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root).
+# Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root),
+# LORA (tiny: adapter rank for dSFT and dDPO; 0 = full fine-tuning, the default).
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,6 +28,12 @@ tiny() {
     fb_extra=(--answers_per_member=4 --max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)
     dpo_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
     ev_extra=(--max_new_tokens=24)
+  fi
+  # LORA=R: dSFT and dDPO through rank-R adapters on frozen weights (lora.py; README "LoRA (one GPU)").
+  # LORA_SFT_ARGS / LORA_DPO_ARGS add flags to one stage, e.g. LORA_SFT_ARGS="--lr=1e-2 --lora_alpha=32".
+  if [ "${LORA:-0}" != 0 ]; then
+    sft_extra+=(--lora_rank="$LORA" ${LORA_SFT_ARGS:-})
+    dpo_extra+=(--lora_rank="$LORA" ${LORA_DPO_ARGS:-})
   fi
 
   say "1/6 data: generated tasks, tokenizer, SFT shards"

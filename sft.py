@@ -17,6 +17,7 @@ import torch
 
 import common
 import memplan
+import lora
 from data.shards import Shards
 
 
@@ -51,6 +52,12 @@ class Config:
     stop_after: int = -1                          # end this process after this step (time-limited jobs)
     export_dtype: str = "bfloat16"
     device: str = "auto"
+    # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0                     # > 0 makes runs depend on the number of ranks (dropout masks)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_from: str = ""                           # a PEFT adapter directory to continue from
 
 
 # -----------------------------------------------------------------------------
@@ -146,6 +153,7 @@ def evaluate(model, shards, cfg, d):
 
 def main(argv):
     cfg = common.parse_config(Config, argv)
+    adapters = lora.settings(cfg)
     d = common.setup_dist(cfg.device)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
@@ -164,7 +172,7 @@ def main(argv):
 
     memplan.at_start(common.model_config(cfg.init_from, cfg.model_preset), cfg, d, "sft")
     model, mcfg = common.build_model(cfg.init_from, d, cfg.model_preset, cfg.seed, cfg.mixed_precision,
-                                     cfg.activation_checkpointing, cfg.compile)
+                                     cfg.activation_checkpointing, cfg.compile, adapters=adapters)
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")
@@ -174,7 +182,8 @@ def main(argv):
     common.announce(cfg, d, [
         f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}",
         f"data: {len(train)} train examples -> {n_rows} rows of {cfg.seq_len}; {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps of {accum} micro-steps x {cfg.micro_batch_size} rows per rank"])
+        f"{total_steps} steps of {accum} micro-steps x {cfg.micro_batch_size} rows per rank",
+        *lora.describe(model, adapters)])
 
     log = common.Logger(cfg.out_dir, d, total_steps, step, desc="sft")
     peak = common.peak_flops(d.device)
