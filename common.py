@@ -565,7 +565,19 @@ def check_utf8(text, field):
 
 
 def read_rows(path):
-    """(where, row, error) per row of a .jsonl or .parquet file; `where` is file:line or file row N."""
+    """(where, row, error) per row of a .jsonl or .parquet file, or of a .json file holding one list (alpaca_eval's
+    files); `where` is file:line, file row N or file item N."""
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                rows = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield f"{path} item {i + 1}", row, None
+        return
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # only for parquet input
         for i, row in enumerate(pq.read_table(path).to_pylist()):

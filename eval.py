@@ -273,43 +273,18 @@ def parse_instruction(row, name):
     return dict(instruction=row["instruction"], dataset=dataset)
 
 
-def json_rows(path, field):
-    """Rows of a JSON list (alpaca_eval's files) or of a .jsonl/.parquet file, as (where, row, error)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config {field}: {path} not found")
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
-    if not head.startswith(b"["):
-        yield from common.read_rows(path)
-        return
-    try:
-        rows = json.load(open(path, encoding="utf-8-sig"))
-    except ValueError as e:
-        raise ValueError(f"config {field}: {path}: not valid JSON ({e})") from None
-    for i, row in enumerate(rows):
-        yield f"{path} item {i}", row, None
-
-
 def read_instructions(cfg):
-    parsed, malformed = [], []
-    for where, row, error in json_rows(cfg.instructions, "instructions"):
-        try:
-            if error:
-                raise ValueError(error)
-            parsed.append(parse_instruction(row, os.path.basename(cfg.instructions)))
-        except ValueError as e:
-            if cfg.strict:
-                raise ValueError(f"{where}: {e} (strict=true)") from None
-            malformed.append(f"{where}: {e}; skipped")
-        if len(parsed) == cfg.max_items:
-            break
-    return [dict(index=i, **x) for i, x in enumerate(parsed)], malformed
+    items, malformed = common.parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict,
+                                         cfg.max_items)
+    return [dict(index=i, **x) for i, x in enumerate(items)], malformed
 
 
 def read_outputs(path, field):
     """alpaca_eval's outputs file -> {instruction: (output, generator)}; the first row of an instruction wins."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config {field}: {path} not found")
     out = {}
-    for where, row, error in json_rows(path, field):
+    for where, row, error in common.read_rows(path):
         if error or not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
                 or not isinstance(row.get("output"), str):
             raise ValueError(f"config {field}: {where}: expected an object with 'instruction' and 'output' strings"
@@ -328,7 +303,7 @@ def read_difficulty(path, instructions):
         where = [f"{path} row {i + 2}" for i in range(len(rows))]
     else:
         rows, where = [], []
-        for w, row, error in json_rows(path, "instruction_difficulty"):
+        for w, row, error in common.read_rows(path):
             if error:
                 raise ValueError(f"config instruction_difficulty: {w}: {error}")
             rows.append(row)

@@ -5,9 +5,7 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, read_jsonl, run, torchrun, write_jsonl
+from conftest import ROOT, ChatServer, kill_after_lines, read_jsonl, run, torchrun, write_jsonl
 import eval as ev
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -323,15 +321,7 @@ def test_alpaca_eval_killed_run_resumes_byte_identical_and_ranks_agree(tiny_mode
     out = tmp_path / "killed"
     part = out / "parts" / "rank0.jsonl"
     cmd = [sys.executable, "eval.py", *args, f"--out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ENV, "OMP_NUM_THREADS": "1", "EV_TEST_SLEEP": "0.2"},
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (part.exists() and part.read_bytes().count(b"\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_done = part.read_bytes().count(b"\n")
+    n_done = kill_after_lines(cmd, part, 1, env={**ENV, "EV_TEST_SLEEP": "0.2"})
     assert 1 <= n_done < 12 and not (out / "annotations.json").exists()
     with open(part, "ab") as f:
         f.write(b'{"index": 11, "instruction": "Say som')  # a torn last line, as a kill mid-write leaves
