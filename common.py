@@ -565,9 +565,14 @@ def check_utf8(text, field):
 
 
 def read_rows(path):
-    """(where, row, error) per row of a .jsonl or .parquet file, or of a .json file holding one list (alpaca_eval's
-    files); `where` is file:line, file row N or file item N."""
+    """(where, row, error) per row of a .jsonl or .parquet file, or of a file holding one JSON list (alpaca_eval's
+    .json files; a .json file of JSON lines, as Hugging Face exports them, reads as .jsonl); `where` is file:line,
+    file row N or file item N."""
+    is_list = False
     if path.endswith(".json"):
+        with open(path, "rb") as f:
+            is_list = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if is_list:
         try:
             with open(path, encoding="utf-8-sig") as f:
                 rows = json.load(f)

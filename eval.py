@@ -295,7 +295,8 @@ def read_outputs(path, field):
 
 def read_difficulty(path, instructions):
     """alpaca_eval's per-instruction difficulty -> one float per instruction, in order. Rows name their
-    instruction by `instruction` text or by `index` (its row in the instructions file, as df_gamed.csv does)."""
+    instruction by `instruction` text or by `index` (its 0-based row among the instructions read, as alpaca_eval's
+    df_gamed.csv does; repeated rows of an index, one per model there, carry the same value)."""
     if path.endswith(".csv"):
         import csv
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -573,6 +574,9 @@ def main(argv):
     for x in items:
         if given is not None and x[key] not in given:
             raise ValueError(f"config answers: {cfg.answers} has no answer for {key} {x[key]!r:.80}")
+        if given is not None and mt and len(given[x[key]][1]) < len(x["turns"]):
+            raise ValueError(f"config answers: {cfg.answers}: question {x[key]!r} has {len(given[x[key]][1])} answer "
+                             f"turns; it asks {len(x['turns'])}")
         if not mt and x["instruction"] not in baseline:
             raise ValueError(f"config baseline: {cfg.baseline} has no output for instruction {x['index']} "
                              f"({x['instruction'][:60]!r})")
@@ -607,9 +611,6 @@ def main(argv):
             jobs, chats, names = [], [], []
             for i, q in enumerate(batch):
                 for turn in range(1, len(q["turns"]) + 1):
-                    if len(turns[i]) < turn:
-                        raise ValueError(f"config answers: question {q['question_id']} has {len(turns[i])} answer "
-                                         f"turns, it asks {len(q['turns'])}")
                     name, msgs = judge_messages(q, turns[i], turn, prompts, q["reference"])
                     jobs.append((i, turn))
                     chats.append(msgs)

@@ -358,3 +358,24 @@ def test_local_judge_preference_is_its_next_token_odds_of_m_against_M(tiny_model
         assert a["preference"] == pytest.approx(3 - want if a["flipped"] else want, abs=1e-5)
     # The model's outputs are the baseline's: the preference is pure position bias, and the flip averages it out.
     assert len({a["flipped"] for a in ann}) == 2
+
+
+def test_instruction_difficulty_by_index_or_by_text(tmp_path):
+    items = [{"index": i, "instruction": f"ins {i}"} for i in range(3)]
+    csv = tmp_path / "d.csv"
+    csv.write_text("index,model,instruction_difficulty\n2,a,0.5\n0,a,-1.25\n2,b,0.5\n1,a,3\n")  # df_gamed.csv's shape
+    assert ev.read_difficulty(str(csv), items) == [-1.25, 3.0, 0.5]
+    js = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"ins {i}", "instruction_difficulty": i / 4} for i in (2, 1)])
+    with pytest.raises(ValueError, match="no difficulty for instruction 0"):
+        ev.read_difficulty(js, items)
+    assert ev.read_difficulty(js, items[1:]) == [0.25, 0.5]
+
+
+def test_rows_of_a_json_list_and_of_json_lines_named_json(tmp_path):
+    import common
+    rows = [{"instruction": "a"}, {"instruction": "b"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # Hugging Face's json export
+    for name, where in (("list.json", "item 2"), ("lines.json", ":2")):
+        got = list(common.read_rows(str(tmp_path / name)))
+        assert [r for _, r, _ in got] == rows and got[1][0].endswith(where)
