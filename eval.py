@@ -363,8 +363,8 @@ def shown_preference(reply):
     from the first token's logprobs where m or M is among them, else the reply's first standalone m or M."""
     lps = reply.get("top_logprobs")
     if lps and ("m" in lps or "M" in lps):
-        pm, pM = math.exp(lps.get("m", -math.inf)), math.exp(lps.get("M", -math.inf))
-        return 2.0 - pm / (pm + pM)
+        lm, lM = lps.get("m", -math.inf), lps.get("M", -math.inf)
+        return 2.0 - math.exp(lm - np.logaddexp(lm, lM))  # p(m) / (p(m) + p(M)), safe when both are tiny
     m = MM_RE.search(reply["text"] or "")
     return None if m is None else (1.0 if m.group(1) == "m" else 2.0)
 
@@ -540,11 +540,11 @@ def main(argv):
     if model_spec and model_spec["kind"] == "function":
         raise ValueError("config model: a local directory or an endpoint, not module:function")
     judge_spec = parse_spec(cfg.judge, "judge")
-    d = common.setup_dist(cfg.device)
     t_start = time.time()
     mt = cfg.bench == "mt_bench"
 
-    # Inputs, read and checked by every rank before any work.
+    # Inputs, read and checked by every rank before any work (and before joining the process group: a bad input
+    # fails alone, at once).
     if mt:
         items, malformed = read_questions(cfg)
         prompts = read_judge_prompts(shipped(cfg.judge_prompts), items)
@@ -589,6 +589,7 @@ def main(argv):
         model_id = cfg.model_id or model_spec["name"]
     baseline_name = None if mt else (next((g for _, g in baseline.values() if g), None)
                                      or os.path.basename(cfg.baseline))
+    d = common.setup_dist(cfg.device)
     if d.main:
         for line in malformed[:20]:
             print(line, file=sys.stderr)
