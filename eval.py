@@ -11,8 +11,8 @@ weighted GPT-4-turbo annotator, win rate and length-controlled win rate), with a
 template, encode_chat), or an endpoint `URL|model=NAME[|key_env=VAR]` (the server applies the model's own chat
 template); the judge may also be `module:function`, called with the judge's chat messages (a list of
 {role, content}) and returning the judge's reply text (or, for AlpacaEval, a dict {"text", "top_logprobs":
-{"m": logprob, "M": logprob}}: odds, so that a rule-based judge can call a draw). `--answers=FILE` skips generation and judges existing
-answers: FastChat's answer file (MT-Bench) or alpaca_eval's outputs file (AlpacaEval).
+{"m": logprob, "M": logprob}}: odds, so that a rule-based judge can call a draw). `--answers=FILE` skips
+generation and judges existing answers: FastChat's answer file (MT-Bench) or alpaca_eval's outputs file (AlpacaEval).
 
 MT-Bench, as FastChat does it: each question's turns are answered in order, turn 2 with turn 1 and its answer
 in context; temperature by category (below); up to 1024 new tokens. Each turn is graded 1-10 with the prompts
@@ -677,7 +677,8 @@ def main(argv):
             judgments = [j for r in done for j in r["judgments"]]
             write_jsonl(os.path.join(cfg.out_dir, "answers.jsonl"), [r["answer"] for r in done])
             write_jsonl(os.path.join(cfg.out_dir, "judgments.jsonl"), judgments)
-            s = mt_bench_summary(items, judgments, model_id, judge_spec["name"], sum(r["error"] is not None for r in done))
+            n_answer_failed = sum(r["error"] is not None for r in done)
+            s = mt_bench_summary(items, judgments, model_id, judge_spec["name"], n_answer_failed)
             line = (f"MT-Bench {s['score']} (turn 1 {s['turn_1']}, turn 2 {s['turn_2']}) over {s['n_judged']} judged "
                     f"turns; {s['n_failed']} turns without a score (parse failures or errors, left out)")
         else:
