@@ -611,7 +611,24 @@ def check_utf8(text, field):
 
 
 def read_rows(path):
-    """(where, row, error) per row of a .jsonl or .parquet file; `where` is file:line or file row N."""
+    """(where, row, error) per row of a .jsonl or .parquet file, or of a file holding one JSON list (alpaca_eval's
+    .json files; a .json file of JSON lines, as Hugging Face exports them, reads as .jsonl); `where` is file:line,
+    file row N or file item N."""
+    is_list = False
+    if path.endswith(".json"):
+        with open(path, "rb") as f:
+            is_list = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if is_list:
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                rows = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield f"{path} item {i + 1}", row, None
+        return
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq  # only for parquet input
         for i, row in enumerate(pq.read_table(path).to_pylist()):
@@ -714,6 +731,21 @@ class LocalModel:
         return out
 
 
+@torch.no_grad()
+def last_logits(model, seqs, pad_id):
+    # Next-token logits of each token-id list (a local judge's verdict: feedback.py, eval.py). Left-padded
+    # batch, one forward pass; the LM head only at the last position, which is real in every row.
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    ok = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        ok[i, T - len(s):] = True
+    dev = model.lm_head.weight.device
+    h = model.hidden_states(ids.to(dev), attention_mask=ok.to(dev))[:, -1]   # (B, hidden)
+    return model.lm_head(h)                                                  # (B, V)
+
+
 class Endpoint:
     """An OpenAI-compatible chat-completions server. Transient failures (timeouts, connection errors, HTTP
     408/409/429/5xx, replies that are not a chat completion) are retried with exponential backoff, then
@@ -730,9 +762,14 @@ class Endpoint:
     def __repr__(self):  # never shows the key
         return f"Endpoint({self.url}, model={self.model})"
 
-    def chat(self, messages, temperature, top_p, max_tokens):
-        payload = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                              "top_p": top_p, "max_tokens": max_tokens}).encode("utf-8")
+    def chat(self, messages, temperature, top_p, max_tokens, top_logprobs=0):
+        """One chat completion -> dict(text, finish_reason, tokens, error); with top_logprobs=k > 0 also
+        top_logprobs: the k most likely first tokens as {token: logprob} (None when the server gives none)."""
+        body = {"model": self.model, "messages": messages, "temperature": temperature, "top_p": top_p,
+                "max_tokens": max_tokens}
+        if top_logprobs:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
+        payload = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
@@ -767,13 +804,26 @@ class Endpoint:
                 error = f"reply is not a chat completion of valid text: {raw[:200]!r}"
                 continue
             tokens = (body.get("usage") or {}).get("completion_tokens") or 0
-            return dict(text=text, finish_reason=choice.get("finish_reason"), tokens=int(tokens), error=None)
+            out = dict(text=text, finish_reason=choice.get("finish_reason"), tokens=int(tokens), error=None)
+            if top_logprobs:
+                out["top_logprobs"] = first_token_logprobs(choice)
+            return out
         return failure(f"{error} (after {attempt + 1} attempts)")
 
-    def generate(self, chats, max_new_tokens, temperature, top_p, generator=None):
+    def generate(self, chats, max_new_tokens, temperature, top_p, generator=None, top_logprobs=0):
         # As LocalModel.generate: concurrent requests, results in input order. The server draws its own samples.
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda m: self.chat(m, temperature, top_p, max_new_tokens), chats))
+            return list(pool.map(lambda m: self.chat(m, temperature, top_p, max_new_tokens, top_logprobs), chats))
+
+
+def first_token_logprobs(choice):
+    """{token: logprob} of the first generated token's alternatives in a chat-completion choice (OpenAI's
+    `logprobs.content[0].top_logprobs`), or None when the server sent none or sent them malformed."""
+    try:
+        tops = choice["logprobs"]["content"][0]["top_logprobs"]
+        return {t["token"]: float(t["logprob"]) for t in tops}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # of local generation models; auto: bf16 on CUDA, fp32 on CPU

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-from common import Endpoint, LocalModel, load_client, parse_spec, seed_of
+from common import Endpoint, LocalModel, last_logits, load_client, parse_spec, seed_of
 from data.tokenizer import check_messages, render_chat, write_jsonl
 
 
@@ -246,20 +246,6 @@ def expected_rating(logits, digit_ids):
     lp = logits.float().log_softmax(-1)[:, digit_ids]                    # (B, 5)
     p = lp.softmax(-1)                                                   # renormalized over the digits
     return (p * torch.arange(1, 6, dtype=p.dtype, device=p.device)).sum(-1), lp.exp().sum(-1)
-
-
-@torch.no_grad()
-def last_logits(model, seqs, pad_id):
-    # Left-padded batch, one forward pass; the LM head only at the last position, which is real in every row.
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    ok = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        ok[i, T - len(s):] = True
-    dev = model.lm_head.weight.device
-    h = model.hidden_states(ids.to(dev), attention_mask=ok.to(dev))[:, -1]   # (B, hidden)
-    return model.lm_head(h)                                                  # (B, V)
 
 
 RATING_RE = re.compile(r"Rating\W*([1-5])\b", re.IGNORECASE)

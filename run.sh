@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO.
+# The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO -> evaluation (MT-Bench, AlpacaEval).
 #
 #   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
 #   bash run.sh zephyr-7b   the paper's recipe on a GPU node (paths from the environment, see below)
 #
 # Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root),
-# LORA (tiny: adapter rank for dSFT and dDPO; 0 = full fine-tuning, the default).
+# LORA (tiny: adapter rank for dSFT and dDPO; 0 = full fine-tuning, the default);
+# zephyr-7b's evaluation: JUDGE, MT_BENCH_DIR, ALPACA_EVAL_DIR, ALPACA_BASELINE (see zephyr_7b below).
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,12 +58,19 @@ tiny() {
   run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/sft/hf" --data_dir="$out/data/pairs" \
       --out_dir="$out/dpo" "${dpo_extra[@]}"
 
-  say "5/6 greedy evaluation of both models on held-out prompts"
+  say "5/6 evaluation with eval.py: both models answer the held-out prompts greedily, the tasks' judge grades them"
+  # The held-out prompts as one-turn MT-Bench questions, graded through eval.py's single-v1 prompt by the tasks'
+  # judge (data/tiny/report.py); then AlpacaEval's procedure head to head, DPO's answers against SFT's.
+  run python data/tiny/report.py questions "$out/data/eval_prompts.jsonl" "$out/data/eval_questions.jsonl"
   for stage in sft dpo; do
-    run "${tr[@]}" feedback.py config/feedback_tiny.json --prompts="$out/data/eval_prompts.jsonl" \
-        --models="$out/$stage/hf" --out_dir="$out/eval_$stage" --answers_per_member=1 --temperature=0 \
-        --resume=false "${ev_extra[@]}"
+    run "${tr[@]}" eval.py config/eval_tiny.json --questions="$out/data/eval_questions.jsonl" \
+        --model="$out/$stage/hf" --model_id="tiny-$stage" --out_dir="$out/eval_$stage" --resume=false "${ev_extra[@]}"
+    run python data/tiny/report.py outputs "$out/eval_$stage/answers.jsonl" "$out/data/eval_questions.jsonl" \
+        "$out/eval_$stage/model_outputs.json"
   done
+  run python eval.py --bench=alpaca_eval --instructions="$out/eval_sft/model_outputs.json" \
+      --baseline="$out/eval_sft/model_outputs.json" --answers="$out/eval_dpo/model_outputs.json" \
+      --judge=data.tiny.report:pairwise_judge --out_dir="$out/eval_dpo_vs_sft" --resume=false
 
   say "6/6 summary"
   run python data/tiny/report.py summary "$out" --seconds "$(( $(date +%s) - start ))"
@@ -88,18 +96,37 @@ zephyr_7b() {
     exit 2
   fi
   local tr=(torchrun --standalone --nproc_per_node="$nproc")
-  say "1/4 tokenize ultrachat_200k and ultrafeedback_binarized"
+  say "1/5 tokenize ultrachat_200k and ultrafeedback_binarized"
   run python data/ultrachat/prepare.py --tokenizer "$MISTRAL_DIR/tokenizer.model" --input "$ULTRACHAT_DIR" \
       --out "$out/data/ultrachat" --workers 8
   run python data/ultrafeedback/prepare.py --tokenizer "$MISTRAL_DIR/tokenizer.model" --input "$ULTRAFEEDBACK_DIR" \
       --out "$out/data/ultrafeedback" --workers 8
-  say "2/4 dSFT (resumes from its last checkpoint if interrupted)"
+  say "2/5 dSFT (resumes from its last checkpoint if interrupted)"
   run "${tr[@]}" sft.py config/sft_public.json --init_from="$MISTRAL_DIR" --data_dir="$out/data/ultrachat" \
       --out_dir="$out/sft" --resume=true
-  say "3/4 AI feedback: optional here; ultrafeedback_binarized is that stage's public output (feedback.py)"
-  say "4/4 dDPO"
+  say "3/5 AI feedback: optional here; ultrafeedback_binarized is that stage's public output (feedback.py)"
+  say "4/5 dDPO"
   run "${tr[@]}" dpo.py config/dpo_public.json --init_from="$out/sft/hf" --data_dir="$out/data/ultrafeedback" \
       --out_dir="$out/dpo" --resume=true
+  say "5/5 evaluation: MT-Bench and AlpacaEval (eval.py)"
+  # JUDGE: an endpoint spec, e.g. "https://api.openai.com/v1|model=gpt-4|key_env=OPENAI_API_KEY"; MT_BENCH_DIR:
+  # FastChat's data/mt_bench (question.jsonl, reference_answer/gpt-4.jsonl); ALPACA_EVAL_DIR: alpaca_eval.json and
+  # the baseline's outputs (ALPACA_BASELINE, default gpt4_1106_preview.json), both as downloaded.
+  if [ -n "${JUDGE:-}" ] && [ -f "${MT_BENCH_DIR:-/nonexistent}/question.jsonl" ]; then
+    run "${tr[@]}" eval.py config/eval_mt_bench.json --model="$out/dpo/hf" --model_id=zephyr-7b-ours \
+        --questions="$MT_BENCH_DIR/question.jsonl" --reference_answers="$MT_BENCH_DIR/reference_answer/gpt-4.jsonl" \
+        --judge="$JUDGE" --out_dir="$out/eval/mt_bench"
+  else
+    echo "MT-Bench skipped: set JUDGE (an endpoint spec) and MT_BENCH_DIR (FastChat's data/mt_bench) to run it"
+  fi
+  if [ -n "${JUDGE:-}" ] && [ -f "${ALPACA_EVAL_DIR:-/nonexistent}/alpaca_eval.json" ]; then
+    run "${tr[@]}" eval.py config/eval_alpaca_eval.json --model="$out/dpo/hf" --model_id=zephyr-7b-ours \
+        --instructions="$ALPACA_EVAL_DIR/alpaca_eval.json" \
+        --baseline="$ALPACA_EVAL_DIR/${ALPACA_BASELINE:-gpt4_1106_preview.json}" --judge="$JUDGE" \
+        --out_dir="$out/eval/alpaca_eval"
+  else
+    echo "AlpacaEval skipped: set JUDGE (an endpoint spec) and ALPACA_EVAL_DIR (alpaca_eval.json + baseline outputs)"
+  fi
   echo "done in $(( $(date +%s) - start )) s: $out/dpo/hf loads in transformers and vLLM (README)"
 }
 

@@ -1,10 +1,12 @@
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -151,3 +153,18 @@ class ChatServer:
 
     def respond(self, body, headers):
         raise NotImplementedError
+
+
+def kill_after_lines(cmd, part, lines, env=None, timeout=120):
+    """Start `cmd` from the repo root, SIGKILL its process group once the part file `part` holds `lines` finished
+    lines, and return how many it holds then: a resumable run's state after a hard kill."""
+    e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (os.path.exists(part) and open(part, "rb").read().count(b"\n") >= lines):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return open(part, "rb").read().count(b"\n")

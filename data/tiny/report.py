@@ -1,23 +1,32 @@
-"""Glue for `run.sh tiny`: split the AI-feedback pairs into train/test, and write the run's summary.
+"""Glue for `run.sh tiny`: split the AI-feedback pairs into train/test, turn the held-out prompts into an
+MT-Bench question file, judge through eval.py with the tasks' judge, and write the run's summary.
 
     python data/tiny/report.py split PAIRS.jsonl OUT_DIR [--test_fraction 0.1]
+    python data/tiny/report.py questions EVAL_PROMPTS.jsonl QUESTIONS.jsonl
+    python data/tiny/report.py outputs ANSWERS.jsonl QUESTIONS.jsonl MODEL_OUTPUTS.json
     python data/tiny/report.py summary RUN_DIR --seconds S
 
-The summary scores the SFT and DPO models' greedy answers to the held-out prompts (feedback.py run with one
-answer per prompt at temperature 0 and the tasks' judge), and says honestly what changed: answer
-correctness and each noise kind's rate before and after DPO (TINY.md: the gain is intent alignment, the
-teacher's noise removed, not new capability).
+The tiny "bench": the 500 held-out prompts as one-turn MT-Bench questions (category = the task), answered
+greedily by eval.py and graded by `mt_bench_judge`, which reads the question and answer out of eval.py's
+single-v1 prompt and returns the tasks' judge score (0, 0.5 or 1) as "Rating: [[s]]": the MT-Bench score of a
+model is then its mean tasks-judge score. `pairwise_judge` plays AlpacaEval's annotator on the same answers
+(DPO's against SFT's as the baseline): it scores both outputs and names the better, with even odds on a tie.
+
+The summary says honestly what changed: answer correctness and each noise kind's rate before and after DPO
+(TINY.md: the gain is intent alignment, the teacher's noise removed, not new capability).
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.tiny.tasks import answer_correct, classify  # noqa: E402
+from data.tiny.tasks import answer_correct, classify, judge  # noqa: E402
 from data.tokenizer import atomic_write, write_jsonl  # noqa: E402
 
 KINDS = ("correct", "disclaimer", "refusal", "format_slip", "wrong")
@@ -41,29 +50,77 @@ def split(pairs_path, out_dir, test_fraction=0.1):
     print(f"{pairs_path}: {len(train)} train pairs, {len(test)} test pairs -> {out_dir}")
 
 
-def score(raw_path):
-    rows = read_jsonl(raw_path)
+def questions(prompts_path, out_path):
+    # eval_prompts.jsonl rows (instruction, source "tiny/<task>", prompt_id) -> FastChat's question schema.
+    rows = read_jsonl(prompts_path)
+    write_jsonl(out_path, [{"question_id": i + 1, "category": r["source"], "turns": [r["instruction"]]}
+                           for i, r in enumerate(rows)])
+    print(f"{prompts_path}: {len(rows)} one-turn questions -> {out_path}")
+
+
+def outputs(answers_path, questions_path, out_path):
+    # eval.py's MT-Bench answers -> alpaca_eval's outputs schema, so that one run's answers are the baseline of
+    # another (or the answers judged) in eval.py --bench=alpaca_eval.
+    text = {q["question_id"]: q["turns"][0] for q in read_jsonl(questions_path)}
+    rows = [{"instruction": text[a["question_id"]], "output": a["choices"][0]["turns"][0],
+             "generator": a["model_id"], "dataset": "tiny"} for a in read_jsonl(answers_path)]
+    atomic_write(out_path, (json.dumps(rows, indent=2) + "\n").encode())
+    print(f"{answers_path}: {len(rows)} outputs -> {out_path}")
+
+
+# The judges eval.py calls (--judge=data.tiny.report:NAME). They read the texts back out of eval.py's default
+# prompts (data/eval/): the "### Question" / "### Answer" blocks of single-v1, the "## Instruction" /
+# "## Answer of model m|M" blocks of the AlpacaEval prompt.
+SINGLE_RE = re.compile(r"### Question\n(.*)\n\n### Answer\n(.*)\n\n### End of answer\Z", re.S)
+PAIR_RE = re.compile(r"## Instruction\n(.*)\n\n## Answer of model m\n(.*)\n\n## Answer of model M\n(.*)"
+                     r"\n\n## Your verdict", re.S)
+
+
+def mt_bench_judge(messages):
+    m = SINGLE_RE.search(messages[-1]["content"])
+    if m is None:
+        return "The prompt is not eval.py's single-v1 layout; no rating."  # scores -1: counted as a parse failure
+    return f"Tasks' judge score: Rating: [[{judge(m.group(1), m.group(2))}]]"
+
+
+def pairwise_judge(messages):
+    m = PAIR_RE.search(messages[-1]["content"])
+    if m is None:
+        return "no verdict"
+    first, second = judge(m.group(1), m.group(2)), judge(m.group(1), m.group(3))
+    if first == second:  # a draw: even odds, preference 1.5
+        return {"text": "m", "top_logprobs": {"m": math.log(0.5), "M": math.log(0.5)}}
+    return "m" if first > second else "M"
+
+
+def score(run_dir):
+    # One eval.py MT-Bench run of one-turn questions: the judge's score, correctness and noise kinds per answer.
+    questions_path = json.load(open(os.path.join(run_dir, "config.json")))["questions"]
+    text = {q["question_id"]: q["turns"][0] for q in read_jsonl(questions_path)}
+    answers = {a["question_id"]: a["choices"][0]["turns"][0]
+               for a in read_jsonl(os.path.join(run_dir, "answers.jsonl"))}
+    bench = json.load(open(os.path.join(run_dir, "summary.json")))
     kinds = {k: 0 for k in KINDS}
-    total, correct, n = 0.0, 0, 0
-    for r in rows:
-        c = r["completions"][0]
-        answer = c["response"] or ""
-        total += c["mean_score"] or 0.0
-        kinds[classify(r["instruction"], answer)] += 1
-        correct += answer_correct(r["instruction"], answer)
-        n += 1
-    return {"score": total / n, "answer_correct": correct / n, "rates": {k: v / n for k, v in kinds.items()}, "n": n}
+    correct = 0
+    for qid, answer in answers.items():
+        kinds[classify(text[qid], answer)] += 1
+        correct += answer_correct(text[qid], answer)
+    n = len(answers)
+    return {"score": bench["score"], "answer_correct": correct / n, "rates": {k: v / n for k, v in kinds.items()},
+            "n": n, "n_failed": bench["n_failed"]}
 
 
 def summary(run_dir, seconds):
-    sft = score(os.path.join(run_dir, "eval_sft", "raw.jsonl"))
-    dpo = score(os.path.join(run_dir, "eval_dpo", "raw.jsonl"))
+    sft = score(os.path.join(run_dir, "eval_sft"))
+    dpo = score(os.path.join(run_dir, "eval_dpo"))
+    head = json.load(open(os.path.join(run_dir, "eval_dpo_vs_sft", "summary.json")))
     metrics = read_jsonl(os.path.join(run_dir, "dpo", "metrics.jsonl"))
     evals = [m for m in metrics if "eval_rewards/accuracies" in m]
     out = {
         "sft_score": sft["score"], "dpo_score": dpo["score"],
         "dpo_eval_reward_accuracy": evals[-1]["eval_rewards/accuracies"] if evals else None,
         "n_eval_prompts": sft["n"], "seconds": seconds,
+        "dpo_vs_sft_win_rate": head["win_rate"], "dpo_vs_sft_standard_error": head["standard_error"],
         "sft": sft, "dpo": dpo,
     }
     atomic_write(os.path.join(run_dir, "summary.json"), (json.dumps(out, indent=2) + "\n").encode())
@@ -75,6 +132,9 @@ def summary(run_dir, seconds):
     acc = out["dpo_eval_reward_accuracy"]
     print(f"\nDPO - SFT: {100 * (dpo['score'] - sft['score']):+.1f} points on {sft['n']} held-out prompts; "
           f"held-out reward accuracy {acc if acc is None else round(acc, 3)}; {seconds:.0f} s in all")
+    print(f"DPO vs SFT head to head (AlpacaEval's procedure, the tasks' judge, draws 0.5): win rate "
+          f"{head['win_rate']:.1f} +- {head['standard_error'] or 0:.1f}; {sft['n_failed'] + dpo['n_failed']} "
+          "answers unscored")
     print(f"wrote {os.path.join(run_dir, 'summary.json')}")
 
 
@@ -85,11 +145,22 @@ if __name__ == "__main__":
     s.add_argument("pairs")
     s.add_argument("out_dir")
     s.add_argument("--test_fraction", type=float, default=0.1)
+    q = sub.add_parser("questions")
+    q.add_argument("prompts")
+    q.add_argument("out")
+    o = sub.add_parser("outputs")
+    o.add_argument("answers")
+    o.add_argument("questions")
+    o.add_argument("out")
     m = sub.add_parser("summary")
     m.add_argument("run_dir")
     m.add_argument("--seconds", type=float, required=True)
     a = p.parse_args()
     if a.cmd == "split":
         split(a.pairs, a.out_dir, a.test_fraction)
+    elif a.cmd == "questions":
+        questions(a.prompts, a.out)
+    elif a.cmd == "outputs":
+        outputs(a.answers, a.questions, a.out)
     else:
         summary(a.run_dir, a.seconds)
