@@ -205,6 +205,19 @@ _MM_CONFIGS = [
     for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                               (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
 ]
+# The three GEMMs of a chunk as `python -m kernels.bench compile` builds them: unit strides (which
+# Triton specializes to constants at launch) and operand types. z is the fp32 logits chunk.
+_GEMM_SITES = {
+    "logits": (dict(stride_ak=1, stride_bk=1, stride_cn=1), {"a_ptr": "*{dtype}", "b_ptr": "*{dtype}"}),
+    "grad_hidden": (dict(stride_ak=1, stride_bn=1, stride_cn=1), {"a_ptr": "*fp32", "b_ptr": "*{dtype}"}),
+    "grad_weight": (dict(stride_am=1, stride_bn=1, stride_cn=1), {"a_ptr": "*fp32", "b_ptr": "*fp32"}),
+}
+
+
+def _softmax_constexprs(dot_dtype):
+    return {}
+
+
 _INTERPRET_BLOCKS = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32),
     "mm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
