@@ -295,7 +295,7 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
                     flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_SEGMENTS=segments,
                                  UPCAST=False, DOT_PRECISION="tf32")
                     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
-                        for cfg in getattr(A, name).configs:
+                        for cfg in A.tuning_configs(name, head_dim):          # after the head-dim pruning
                             jobs.append(dict(kernel=name, target=target, dtype=dtype, head_dim=head_dim,
                                              variant=variant, constexprs=flags, config=_config_dict(cfg)))
                 jobs.append(dict(kernel="_attn_bwd_delta", target=target, dtype=dtype, head_dim=head_dim,
@@ -368,7 +368,8 @@ def compile_one(job):
             k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                                options=dict(num_warps=num_warps, num_stages=num_stages))
     except Exception as e:                                               # a config that does not compile
-        rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        lines = str(e).strip().splitlines() or [""]
+        rec["error"] = f"{type(e).__name__}: {lines[0][:200]} ... {lines[-1][:300]}"
         return rec
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
@@ -388,7 +389,7 @@ def run_compile(jobs, workers=None):
     if workers == 1:
         return [compile_one(j) for j in jobs]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(compile_one, jobs, chunksize=4))
+        return list(pool.map(compile_one, jobs, chunksize=1))
 
 
 def _config_text(c):
@@ -431,12 +432,14 @@ def bench_compile(argv):
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--kernels", nargs="+", help="only these kernel function names")
     p.add_argument("--workers", type=int, help="compile processes (default: the CPUs available)")
     args = p.parse_args(argv)
-    jobs = compile_jobs(args.targets, args.dtypes, args.head_dims, kernels=args.kernels)
+    jobs = compile_jobs(args.targets, args.dtypes, args.head_dims, args.variants, args.kernels)
     t0 = time.time()
     records = run_compile(jobs, args.workers)
+    records.sort(key=lambda r: (r['kernel'], r['target'], str(r['head_dim']), r['variant']))
     print_compile_table(records)
     print(f"{len(jobs)} compiles in {time.time() - t0:.0f} s")
     if args.json:
