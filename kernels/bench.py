@@ -210,8 +210,9 @@ def bench_attention():
     H, H_KV, HEAD_DIM, TOKENS = 32, 8, 128, 16384
     print(f"\nattention: TFLOP/s fwd / bwd / fwd+bwd, bf16, causal, {H} heads / {H_KV} KV heads, head_dim {HEAD_DIM}, "
           f"{TOKENS} tokens per batch; flash-attn {'found' if flash_attn_func else 'not installed'}")
-    print(f"{'window':>6} {'T':>6} {'B':>3} | {'ours':>17} | {'sdpa flash':>17} | {'flash-attn':>17}")
-    for window in (None, 4096):
+    print("segments: each row packed with examples of T/4 tokens (the SFT path); SDPA has no such mask")
+    print(f"{'window':>6} {'seg':>4} {'T':>6} {'B':>3} | {'ours':>17} | {'sdpa flash':>17} | {'flash-attn':>17}")
+    for window, packed in ((None, False), (None, True), (4096, False)):
         for T in (1024, 2048, 4096, 8192, 16384):
             B = TOKENS // T
             q = torch.randn(B, H, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -220,9 +221,15 @@ def bench_attention():
             flops = attention_flops(B, H, T, HEAD_DIM, True, window)
             cells = []
 
-            cells.append(_tflops(lambda: flash_attention(q, k, v, causal=True, sliding_window=window), [q, k, v], flops))
+            seg = None
+            if packed:  # flops still count the full causal triangle: segments show as lost TFLOP/s
+                seg = (torch.arange(T, device="cuda") // (T // 4)).expand(B, T).contiguous()
+            cells.append(_tflops(lambda: flash_attention(q, k, v, causal=True, sliding_window=window, segment_ids=seg),
+                                 [q, k, v], flops))
 
-            if window is None:        # the flash SDPA backend has no sliding window
+            if packed:
+                cells.append(None)
+            elif window is None:        # the flash SDPA backend has no sliding window
                 k_rep, v_rep = (x.detach().repeat_interleave(H // H_KV, dim=1).requires_grad_() for x in (k, v))
 
                 def sdpa():
@@ -232,7 +239,7 @@ def bench_attention():
             else:
                 cells.append(None)
 
-            if flash_attn_func is not None:   # (B, T, heads, head_dim) layout, GQA native
+            if flash_attn_func is not None and not packed:   # (B, T, heads, head_dim) layout, GQA native
                 qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
                 window_size = (-1, -1) if window is None else (window - 1, 0)     # itself + window-1 before
                 cells.append(_tflops(lambda: flash_attn_func(qf, kf, vf, causal=True, window_size=window_size),
@@ -241,7 +248,8 @@ def bench_attention():
                 cells.append(None)
 
             text = [" / ".join(f"{x:4.0f}" for x in c) if c else "n/a" for c in cells]
-            print(f"{str(window):>6} {T:>6} {B:>3} | {text[0]:>17} | {text[1]:>17} | {text[2]:>17}", flush=True)
+            print(f"{str(window):>6} {'yes' if packed else 'no':>4} {T:>6} {B:>3} | {text[0]:>17} | {text[1]:>17} | "
+                  f"{text[2]:>17}", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
 
@@ -309,7 +317,7 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
                              constexprs=dict(WRITE_GRAD=True, **L._softmax_constexprs(tl_dtype)),
                              config=dict(**L._SOFTMAX_BLOCKS, num_warps=8, num_stages=3)))
             for site, (consts, types) in L._GEMM_SITES.items():              # the three GEMMs of a chunk
-                for cfg in L._MM_CONFIGS:
+                for cfg in L.mm_configs(site):                                # after the layout pruning
                     jobs.append(dict(kernel="_matmul_kernel", target=target, dtype=dtype, head_dim=None,
                                      variant=site, constexprs=dict(consts, **lp, ACCUMULATE=site == "grad_weight"),
                                      types={k: t.format(dtype=dtype) for k, t in types.items()},

@@ -236,12 +236,13 @@ def test_softmax_grad_writes_16bit_dz_over_its_own_logits(monkeypatch):
     expected[ok.nonzero().squeeze(1), targets[ok]] += 1.0
     expected[~ok, 0] += 1.0                             # ignored rows: onehot at column 0 (scaled by 0 later)
     lse = torch.logsumexp(z, dim=1)
+    expected_logp = z.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) - lse    # before z is overwritten
     (logp, out_lse, _), dz = logprobs._triton_softmax_grad_(z, targets, IGNORE, True, torch.float16)
     assert dz.dtype == torch.float16 and dz.shape == (C, Vz) and dz.stride() == (2 * Vz, 1)
     assert dz.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
     assert (dz.float() - expected).abs().max().item() <= 2.0 ** -11      # one fp16 rounding of values <= 1
     assert (out_lse - lse).abs().max().item() <= 1e-5
-    assert torch.allclose(logp[ok], (z.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) - lse)[ok], atol=1e-5)
+    assert torch.allclose(logp[ok], expected_logp[ok], atol=1e-5)
 
 
 def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
