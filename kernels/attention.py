@@ -90,7 +90,7 @@ TUNING = {
     "_attn_fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
                   128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]},
     "_attn_bwd_dkdv": {64: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
-                       128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2)]},
+                       128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2)]},
     "_attn_bwd_dq": {64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3)],
                      128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
 }
@@ -119,7 +119,8 @@ def _autotune(kernel):
 
 
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS"]
-_PRE_BLOCK = 16 if _INTERPRETED else 128  # rows per program of the delta preprocessing kernel
+PRE_BLOCK_COMPILED = 128
+_PRE_BLOCK = 16 if _INTERPRETED else PRE_BLOCK_COMPILED  # rows per program of the delta preprocessing kernel
 
 
 # ----------------------------------------------------------------------------------------------

@@ -291,7 +291,6 @@ def _arg_type(kernel, name, dtype):
 def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64, 128), variants=tuple(VARIANTS),
                  kernels=None):
     """One job per (kernel, target, dtype, head_dim, variant, config): plain dicts, so a process pool can run them."""
-    os.environ.pop("TRITON_INTERPRET", None)
     from kernels import attention as A, logprobs as L
     jobs = []
     for target in targets:
@@ -308,7 +307,7 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
                                              variant=variant, constexprs=flags, config=_config_dict(cfg)))
                 jobs.append(dict(kernel="_attn_bwd_delta", target=target, dtype=dtype, head_dim=head_dim,
                                  variant="-", constexprs=dict(HEAD_DIM=head_dim),
-                                 config=dict(BLOCK=A._PRE_BLOCK, num_warps=4, num_stages=3)))
+                                 config=dict(BLOCK=A.PRE_BLOCK_COMPILED, num_warps=4, num_stages=3)))
             lp = dict(DOT_DTYPE=tl_dtype, PRECISION="tf32")
             for cfg in L._FWD_CONFIGS:
                 jobs.append(dict(kernel="_logprobs_fwd_kernel", target=target, dtype=dtype, head_dim=None,
@@ -391,13 +390,18 @@ def compile_one(job):
 
 
 def run_compile(jobs, workers=None):
+    """Runs the jobs in fresh spawned processes (this one may hold kernels imported in interpreter mode, as
+    the tests do), with TRITON_INTERPRET unset in their environment before they import triton."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
     workers = workers or max(1, min(len(os.sched_getaffinity(0)), 16))
-    if workers == 1:
-        return [compile_one(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(compile_one, jobs, chunksize=1))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(compile_one, jobs, chunksize=1))   # every worker spawned inside map()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _config_text(c):
