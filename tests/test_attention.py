@@ -262,8 +262,9 @@ def test_non_causal_matches_reference(lengths):
 
 
 def test_segment_ids_need_not_be_sorted():
-    # Block skipping uses per-tile min/max of ids; with interleaved and reappearing ids it must
-    # skip nothing that is visible. int16 ids also exercise the dtype conversion.
+    # Tile ranges come from each id's first/last position and its run (_segment_bounds); with
+    # interleaved and reappearing ids they must skip nothing that is visible and leave no invisible
+    # pair in an unmasked tile. int16 ids also exercise the dtype conversion.
     T = 48
     seg = torch.stack([torch.arange(T) % 3, torch.tensor([7] * 16 + [2] * 16 + [7] * 16)]).to(torch.int16)
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 2, 1, T, 32, torch.float32))
