@@ -275,6 +275,11 @@ def dense_mask(q_idx, k_idx, sliding_window=None, k_ok=None, q_seg=None, k_seg=N
     return m[:, None]
 
 
+def _right_padded(ok):
+    # ok (B, T) bool: True iff in every row the real tokens come first and padding only after them.
+    return bool((ok[:, 1:] <= ok[:, :-1]).all())
+
+
 def positions_from_segments(segment_ids):
     # Positions restart at 0 where the segment id changes: (B, T) -> (B, T).
     B, T = segment_ids.shape
@@ -371,7 +376,11 @@ class Mistral(nn.Module):
         flash = _flash_attention() if x.is_cuda and cfg.head_dim in (16, 32, 64, 128) else None
         if flash is not None:
             seg = segment_ids
-            if attention_mask is not None:  # padding becomes its own segment (-1): real tokens never see it
+            # Padding becomes its own segment (-1): real tokens never see it. Right padding without
+            # packing (DPO, unpacked SFT) needs no segments: causality already hides every pad from
+            # every real token, and the pad rows' own outputs are never used (their targets are
+            # ignored), so those batches take the plain causal kernel. One host sync to check.
+            if attention_mask is not None and (seg is not None or not _right_padded(attention_mask)):
                 seg = torch.where(attention_mask, seg if seg is not None else 0, -1)
             return Mask("flash", segment_ids=seg, flash=flash)
         if attention_mask is None and segment_ids is None and (cfg.sliding_window is None or T <= cfg.sliding_window):

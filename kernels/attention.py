@@ -80,20 +80,47 @@ def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=N
 # and (added by triton.autotune itself) the tensor dtypes. No kernel accumulates into its outputs
 # (each output tile is written exactly once), so repeated benchmark launches need no reset_to_zero.
 
-def _configs(shapes):
-    if _INTERPRETED:  # the interpreter cannot benchmark several configs; small blocks run fastest there
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for H100. Each one compiles for
+# sm_90 within its shared memory and without a single register spilled, in every mask variant, and
+# the loops are pipelined (cp.async): `python -m kernels.bench compile` prints the table and
+# tests/test_kernels_compile.py checks it. A config that spills is replaced, not kept. In dk/dv,
+# BLOCK_N (keys owned by a program) carries the two (BLOCK_N, D) fp32 accumulators, so at D=128 it
+# pairs with small query tiles. Head dims below 64 use the 64 lists.
+TUNING = {
+    "_attn_fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+                  128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]},
+    "_attn_bwd_dkdv": {64: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
+                       128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2)]},
+    "_attn_bwd_dq": {64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3)],
+                     128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
+}
+
+
+def tuning_configs(kernel, head_dim):
+    """The autotune configs of one kernel at one head dim (what the autotuner benchmarks)."""
+    shapes = TUNING[kernel][64 if head_dim <= 64 else 128]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), meant for H100; configs that run out of shared memory
-# (large blocks x many stages at D=128) are discarded by the autotuner.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                         (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2)])
-_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
-                         (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2)])
+def _autotune(kernel):
+    if _INTERPRETED:  # the interpreter cannot benchmark several configs; small blocks run fastest there
+        return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)],
+                               key=_TUNE_KEY)
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+               for hd in (64, 128) for c in tuning_configs(kernel, hd)}
+
+    def for_head_dim(configs_, nargs, **kwargs):  # early_config_prune: the launch's head dim's list
+        keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                for c in tuning_configs(kernel, kwargs["HEAD_DIM"])}
+        return [c for c in configs_ if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+
+    return triton.autotune(configs=list(configs.values()), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": for_head_dim})
+
+
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS"]
-_PRE_BLOCK = 16 if _INTERPRETED else 128  # rows per program of the delta preprocessing kernel
+PRE_BLOCK_COMPILED = 128
+_PRE_BLOCK = 16 if _INTERPRETED else PRE_BLOCK_COMPILED  # rows per program of the delta preprocessing kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,61 +141,144 @@ def _visible(q_pos, k_pos, q_seg, k_seg, T, window,
     return mask
 
 
+# Tile ranges, computed once per program so that the loops are straight-line code (a runtime `if`
+# around the loads costs Triton its software pipelining: no cp.async, see ../shared/GPU_AUDIT.md).
+# A program walks the other side's tiles in three loops: [lo, lo_full) masked, [lo_full, hi_full)
+# unmasked (every pair of the tile visible), [hi_full, hi) masked. With segments the bounds come from
+# SEG_BOUNDS (4, B, T) int32, made by _segment_bounds on the host: for each position the first and
+# last position holding the same id (any ids: a sound outer range), and the start and end of the
+# run of equal ids around it (a pair inside one run is always visible: the unmasked range).
+
+
 @triton.jit
-def _key_range(start_m, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # Keys [lo, hi) that queries start_m .. start_m + BLOCK_M - 1 may see: blocks above the diagonal
-    # and blocks wholly older than the window are never visited, so work is O(T * window).
+def _round_up(x, BLOCK: tl.constexpr):
+    return (x + BLOCK - 1) // BLOCK * BLOCK
+
+
+@triton.jit
+def _clamp_ranges(lo, lo_full, hi_full, hi):
+    lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
+    hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
+    return lo, lo_full, hi_full, hi
+
+
+@triton.jit
+def _seg_bounds(SEG_BOUNDS, row, BT, offs, T):
+    # (first occurrence, last occurrence, run start, run end) of the ids at offs (clamped into the row)
+    p = SEG_BOUNDS + row + tl.minimum(offs, T - 1)
+    return tl.load(p), tl.load(p + BT), tl.load(p + 2 * BT), tl.load(p + 3 * BT)
+
+
+@triton.jit
+def _key_ranges(start_m, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    # Key tiles for queries start_m .. end_m - 1; blocks above the diagonal and blocks wholly older
+    # than the window are never visited, so work is O(T * window).
+    end_m = tl.minimum(start_m + BLOCK_M, T)
     lo = 0
+    lo_full = 0
     hi = T
+    hi_full = T // BLOCK_N * BLOCK_N  # unmasked tiles lie wholly inside the sequence
     if IS_CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, T)
+        hi = end_m
+        hi_full = tl.minimum(start_m + 1, T) // BLOCK_N * BLOCK_N  # keys j <= start_m: before every query
     if HAS_WINDOW:
         lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # down to a tile boundary
-    return lo, hi
+        lo_full = _round_up(tl.maximum(end_m - window, 0), BLOCK_N)  # keys j >= end_m - W: inside every window
+    if HAS_SEGMENTS:
+        first, last, run_lo, run_hi = _seg_bounds(seg_bounds, row, BT, start_m + tl.arange(0, BLOCK_M), T)
+        lo = tl.maximum(lo, tl.min(first, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+        lo_full = tl.maximum(lo_full, _round_up(tl.max(run_lo, 0), BLOCK_N))
+        hi_full = tl.minimum(hi_full, (tl.min(run_hi, 0) + 1) // BLOCK_N * BLOCK_N)
+    return _clamp_ranges(lo, lo_full, hi_full, hi)
 
 
 @triton.jit
-def _query_range(start_n, T, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # Queries [lo, hi) that may see keys start_n .. start_n + BLOCK_N - 1 (the transpose of the above).
+def _query_ranges(start_n, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+    # Query tiles that may see keys start_n .. end_n - 1 (the transpose of the above).
+    end_n = tl.minimum(start_n + BLOCK_N, T)
     lo = 0
+    lo_full = 0
     hi = T
+    hi_full = T // BLOCK_M * BLOCK_M
     if IS_CAUSAL:
         lo = start_n // BLOCK_M * BLOCK_M
+        lo_full = _round_up(end_n - 1, BLOCK_M)  # queries i >= end_n - 1: after every key
     if HAS_WINDOW:
         hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
-    return lo, hi
+        hi_full = tl.minimum(hi_full, (start_n + window) // BLOCK_M * BLOCK_M)  # i < start_n + W
+    if HAS_SEGMENTS:
+        first, last, run_lo, run_hi = _seg_bounds(seg_bounds, row, BT, start_n + tl.arange(0, BLOCK_N), T)
+        lo = tl.maximum(lo, tl.min(first, 0) // BLOCK_M * BLOCK_M)
+        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+        lo_full = tl.maximum(lo_full, _round_up(tl.max(run_lo, 0), BLOCK_M))
+        hi_full = tl.minimum(hi_full, (tl.min(run_hi, 0) + 1) // BLOCK_M * BLOCK_M)
+    return _clamp_ranges(lo, lo_full, hi_full, hi)
 
 
 @triton.jit
 def _load_segments(seg_row, offs, T):
-    # Clamping instead of masking repeats the last real id in the tail of a partial tile, so that
-    # min/max over the tile are the range of real ids (the visibility mask handles the tail itself).
+    # Segment ids for the masks: the first position holding the same id (equal iff the ids are equal,
+    # and int32 whatever the caller's dtype, which keeps the mask tiles small). Clamped rather than
+    # masked: the visibility mask handles the tail of a partial tile itself.
     return tl.load(seg_row + tl.minimum(offs, T - 1))
-
-
-# Block skipping for packed rows: a (query tile, key tile) pair is skipped when the ranges
-# [min, max] of their segment ids do not intersect. That test is sound for any ids (no shared id
-# is possible), and in packed rows, whose ids are non-decreasing, it skips every tile lying wholly
-# in other examples. Trade-off: the loop still walks those tiles (cheap: one small load and two
-# reductions each), and the tile body sits under a runtime `if`, which may pipeline less well than
-# the branch-free loop that rows without segment ids compile to.
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward: one program per (query tile, batch x head); online softmax over the key tiles.
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt,
+                    lo, split, hi_full, hi, T, window, qk_scale,
+                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    n_first = (split - lo + BLOCK_N - 1) // BLOCK_N  # see _attn_dkdv_tiles
+    n_tiles = n_first + (hi - hi_full + BLOCK_N - 1) // BLOCK_N if MASKED else (hi - lo + BLOCK_N - 1) // BLOCK_N
+    for i in range(0, n_tiles):
+        start_n = lo + i * BLOCK_N
+        if MASKED:
+            start_n = tl.where(i < n_first, lo + i * BLOCK_N, hi_full + (i - n_first) * BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions (BLOCK_N,)
+        if MASKED:
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                        mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T, read transposed
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+        else:
+            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            k_seg = offs_n
+            if HAS_SEGMENTS:
+                k_seg = _load_segments(seg_row, offs_n, T)
+            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
+                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            qk = tl.where(mask, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+        p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@_autotune("_attn_fwd")
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, SEG,
+    Q, K, V, O, LSE, SEG_BOUNDS,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    stride_sb,
-    H, GROUP, T, T_BUCKET, window, qk_scale,  # GROUP = H // H_kv; T_BUCKET is read by the autotuner only
+    H, GROUP, T, BT, T_BUCKET, window, qk_scale,  # GROUP = H // H_kv, BT = B * T; T_BUCKET: the autotuner's
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -187,13 +297,15 @@ def _attn_fwd(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-
-    q_seg = offs_m  # placeholders when there are no segments (never read then)
+    seg_row = LSE  # placeholders without segments (SEG_BOUNDS is None then; never read)
+    seg_bounds = LSE
+    q_seg = offs_m  # placeholder when there are no segments (never read then)
     if HAS_SEGMENTS:
-        seg_row = SEG + b * stride_sb
+        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
+        seg_bounds = SEG_BOUNDS
         q_seg = _load_segments(seg_row, offs_m, T)  # (BLOCK_M,)
-        q_seg_lo = tl.min(q_seg, 0)
-        q_seg_hi = tl.max(q_seg, 0)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     # Running softmax state in the log2 domain. m_i starts at a finite -1e30 rather than -inf, so
     # that a row whose first visited tile is wholly masked (possible with windows and segments)
@@ -201,33 +313,13 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max of scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of p @ v
-
-    lo, hi = _key_range(start_m, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions (BLOCK_N,)
-        k_seg = offs_n
-        run = True
-        if HAS_SEGMENTS:
-            k_seg = _load_segments(seg_row, offs_n, T)
-            run = (tl.min(k_seg, 0) <= q_seg_hi) & (tl.max(k_seg, 0) >= q_seg_lo)
-        if run:
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                        mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T, read transposed
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                        mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
-                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-            qk = tl.where(mask, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-            p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+    args = (offs_d, k_base, v_base, seg_row, stride_kt, stride_vt)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, *args, lo_full, lo_full, hi_full, hi_full,
+                                    T, window, qk_scale,
+                                    False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, *args, lo, lo_full, hi_full, hi,
+                                    T, window, qk_scale,
+                                    True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
 
     # Every real row saw at least its own key (or its own segment), so l_i > 0 there; tail rows of
     # a partial tile have l_i = 0 and are not stored, the where() only keeps them NaN-free.
@@ -268,76 +360,102 @@ def _attn_bwd_delta(
     tl.store(DELTA + row, tl.sum(o * do, 1), mask=offs_t < T)  # (BLOCK,)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_dkdv_tiles(dk, dv, k, v, k_seg, offs_n, offs_d, q_base, do_base, row_base, seg_row, LSE, DELTA,
+                     stride_qt, stride_dot, lo, split, hi_full, hi, T, window, qk_scale,
+                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    # Walks [lo, hi) unmasked, or (MASKED) the two edge ranges [lo, split) and [hi_full, hi) as one
+    # loop: the tile index is remapped with arithmetic, not a branch.
+    n_first = (split - lo + BLOCK_M - 1) // BLOCK_M
+    n_tiles = n_first + (hi - hi_full + BLOCK_M - 1) // BLOCK_M if MASKED else (hi - lo + BLOCK_M - 1) // BLOCK_M
+    for i in range(0, n_tiles):
+        start_m = lo + i * BLOCK_M
+        if MASKED:
+            start_m = tl.where(i < n_first, lo + i * BLOCK_M, hi_full + (i - n_first) * BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        if MASKED:
+            q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
+                          mask=offs_m[None, :] < T, other=0.0)  # (D, BLOCK_M): Q^T
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
+                         mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+        else:
+            q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None])
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :])
+            lse = tl.load(LSE + row_base + offs_m)
+            delta = tl.load(DELTA + row_base + offs_m)
+        if UPCAST:
+            q_t = q_t.to(tl.float32)
+            do = do.to(tl.float32)
+        # Transposed tiles (keys x queries), so that P^T and dS^T come out directly.
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :] * LOG2E  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            q_seg = offs_m
+            if HAS_SEGMENTS:
+                q_seg = _load_segments(seg_row, offs_m, T)
+            mask = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], k_seg[:, None], T, window,
+                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            s_t = tl.where(mask, s_t, float("-inf"))
+        p_t = tl.exp2(s_t)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@_autotune("_attn_bwd_dkdv")
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, SEG, DK, DV,
+    Q, K, V, DO, LSE, DELTA, SEG_BOUNDS, DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
-    stride_sb,
-    H, GROUP, T, T_BUCKET, window, qk_scale, softmax_scale,
+    H, GROUP, T, BT, T_BUCKET, window, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)  # over B x H_kv
-    H_KV = H // GROUP
-    b = (pid_bh // H_KV).to(tl.int64)
-    h_kv = (pid_bh % H_KV).to(tl.int64)
+    pid_bh = tl.program_id(1)  # over B * H_kv
+    H_kv = H // GROUP
+    b = (pid_bh // H_kv).to(tl.int64)
+    h_kv = (pid_bh % H_kv).to(tl.int64)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions owned by this program (BLOCK_N,)
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions of this tile (BLOCK_N,)
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
     v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
+                mask=offs_n[:, None] < T, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-
+    seg_row = LSE  # placeholders without segments (never read)
+    seg_bounds = LSE
     k_seg = offs_n
     if HAS_SEGMENTS:
-        seg_row = SEG + b * stride_sb
+        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
+        seg_bounds = SEG_BOUNDS
         k_seg = _load_segments(seg_row, offs_n, T)
-        k_seg_lo = tl.min(k_seg, 0)
-        k_seg_hi = tl.max(k_seg, 0)
+    lo, lo_full, hi_full, hi = _query_ranges(start_n, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+                                             IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    lo, hi = _query_range(start_n, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for h in range(h_kv * GROUP, h_kv * GROUP + GROUP):  # the query heads that share this kv head
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * T  # into LSE and DELTA, contiguous (B, H, T)
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-            q_seg = offs_m
-            run = True
-            if HAS_SEGMENTS:
-                q_seg = _load_segments(seg_row, offs_m, T)
-                run = (tl.min(q_seg, 0) <= k_seg_hi) & (tl.max(q_seg, 0) >= k_seg_lo)
-            if run:
-                q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
-                              mask=offs_m[None, :] < T, other=0.0)  # (D, BLOCK_M): Q^T
-                do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
-                             mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-                if UPCAST:
-                    q_t = q_t.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
-                delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
-                # Transposed tiles (keys x queries), so that P^T and dS^T come out directly.
-                s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                mask = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], k_seg[:, None], T, window,
-                                IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-                p_t = tl.exp2(tl.where(mask, s_t * qk_scale - lse[None, :] * LOG2E, float("-inf")))
-                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        args = (k, v, k_seg, offs_n, offs_d, q_base, do_base, row_base, seg_row, LSE, DELTA, stride_qt, stride_dot)
+        dk, dv = _attn_dkdv_tiles(dk, dv, *args, lo_full, lo_full, hi_full, hi_full, T, window, qk_scale, False,
+                                  IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_M)
+        dk, dv = _attn_dkdv_tiles(dk, dv, *args, lo, lo_full, hi_full, hi, T, window, qk_scale, True,
+                                  IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_M)
 
     dk = dk * softmax_scale
     row = pid_bh.to(tl.int64) * T + offs_n  # DK and DV are contiguous (B, H_kv, T, D)
@@ -345,16 +463,54 @@ def _attn_bwd_dkdv(
     tl.store(DV + row[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < T)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.jit
+def _attn_dq_tiles(dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt,
+                   lo, split, hi_full, hi, T, window, qk_scale,
+                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    n_first = (split - lo + BLOCK_N - 1) // BLOCK_N  # see _attn_dkdv_tiles
+    n_tiles = n_first + (hi - hi_full + BLOCK_N - 1) // BLOCK_N if MASKED else (hi - lo + BLOCK_N - 1) // BLOCK_N
+    for i in range(0, n_tiles):
+        start_n = lo + i * BLOCK_N
+        if MASKED:
+            start_n = tl.where(i < n_first, lo + i * BLOCK_N, hi_full + (i - n_first) * BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
+                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): V^T
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None])
+        if UPCAST:
+            k_t = k_t.to(tl.float32)
+            v_t = v_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None] * LOG2E  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            k_seg = offs_n
+            if HAS_SEGMENTS:
+                k_seg = _load_segments(seg_row, offs_n, T)
+            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
+                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            s = tl.where(mask, s, float("-inf"))
+        p = tl.exp2(s)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@_autotune("_attn_bwd_dq")
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, SEG, DQ,
+    Q, K, V, DO, LSE, DELTA, SEG_BOUNDS, DQ,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
-    stride_sb,
-    H, GROUP, T, T_BUCKET, window, qk_scale, softmax_scale,
+    H, GROUP, T, BT, T_BUCKET, window, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -379,38 +535,22 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-
+    seg_row = LSE  # placeholders without segments (never read)
+    seg_bounds = LSE
     q_seg = offs_m
     if HAS_SEGMENTS:
-        seg_row = SEG + b * stride_sb
+        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
+        seg_bounds = SEG_BOUNDS
         q_seg = _load_segments(seg_row, offs_m, T)
-        q_seg_lo = tl.min(q_seg, 0)
-        q_seg_hi = tl.max(q_seg, 0)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    lo, hi = _key_range(start_m, T, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_seg = offs_n
-        run = True
-        if HAS_SEGMENTS:
-            k_seg = _load_segments(seg_row, offs_n, T)
-            run = (tl.min(k_seg, 0) <= q_seg_hi) & (tl.max(k_seg, 0) >= q_seg_lo)
-        if run:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
-                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): V^T
-            if UPCAST:
-                k_t = k_t.to(tl.float32)
-                v_t = v_t.to(tl.float32)
-            s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
-                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-            p = tl.exp2(tl.where(mask, s * qk_scale - lse[:, None] * LOG2E, float("-inf")))
-            dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    args = (q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt)
+    dq = _attn_dq_tiles(dq, *args, lo_full, lo_full, hi_full, hi_full, T, window, qk_scale, False,
+                        IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _attn_dq_tiles(dq, *args, lo, lo_full, hi_full, hi, T, window, qk_scale, True,
+                        IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq = dq * softmax_scale
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -428,23 +568,47 @@ def _flags(q, causal, sliding_window, segment_ids):
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _triton_forward(q, k, v, causal, sliding_window, segment_ids, scale):
+def _segment_bounds(segment_ids):
+    """(4, B, T) int32 from (B, T) ids: for each position the first and the last position of the row
+    holding the same id, and the start and end of its run of equal ids. Any ids work (packed rows,
+    padding as its own id, ids that reappear); the kernels derive their tile ranges from these.
+    A few sorts and scans over (B, T), no host sync."""
+    B, T = segment_ids.shape
+    pos = torch.arange(T, device=segment_ids.device).expand(B, T)
+
+    def group_ends(x):  # for sorted-or-run-ordered x: index where each element's group starts and ends
+        new = torch.ones_like(x, dtype=torch.bool)
+        new[:, 1:] = x[:, 1:] != x[:, :-1]
+        start = torch.where(new, pos, 0).cummax(1).values
+        end_here = torch.ones_like(new)
+        end_here[:, :-1] = new[:, 1:]
+        end = torch.where(end_here, pos, T - 1).flip(1).cummin(1).values.flip(1)
+        return start, end
+
+    run_start, run_end = group_ends(segment_ids)
+    ids, perm = torch.sort(segment_ids, dim=1, stable=True)  # stable: positions ascend within an id
+    g_start, g_end = group_ends(ids)
+    first = torch.empty_like(perm).scatter_(1, perm, perm.gather(1, g_start))
+    last = torch.empty_like(perm).scatter_(1, perm, perm.gather(1, g_end))
+    return torch.stack([first, last, run_start, run_end]).to(torch.int32).contiguous()
+
+
+def _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale):
     B, H, T, D = q.shape
     group = H // k.shape[1]
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)
     _attn_fwd[grid](
-        q, k, v, o, lse, segment_ids,
+        q, k, v, o, lse, bounds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        segment_ids.stride(0) if segment_ids is not None else 0,
-        H, group, T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value,
+        H, group, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value,
         **_flags(q, causal, sliding_window, segment_ids),
     )
     return o, lse
 
 
-def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, scale):
+def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, scale):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     if do.stride(-1) != 1:
@@ -458,31 +622,31 @@ def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, s
     dv = torch.empty(B, H_kv, T, D, dtype=v.dtype, device=v.device)
     common = (
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        segment_ids.stride(0) if segment_ids is not None else 0,
-        H, H // H_kv, T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale,
+        H, H // H_kv, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale,
     )
     flags = _flags(q, causal, sliding_window, segment_ids)
     _attn_bwd_dkdv[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H_kv)](
-        q, k, v, do, lse, delta, segment_ids, dk, dv, *common, **flags)
+        q, k, v, do, lse, delta, bounds, dk, dv, *common, **flags)
     _attn_bwd_dq[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, segment_ids, dq, *common, **flags)
+        q, k, v, do, lse, delta, bounds, dq, *common, **flags)
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sliding_window, segment_ids, scale):
-        o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, scale)
-        ctx.save_for_backward(q, k, v, o, lse, segment_ids)
+        bounds = _segment_bounds(segment_ids) if segment_ids is not None else None
+        o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale)
+        ctx.save_for_backward(q, k, v, o, lse, segment_ids, bounds)
         ctx.mask_args = (causal, sliding_window)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, segment_ids = ctx.saved_tensors
+        q, k, v, o, lse, segment_ids, bounds = ctx.saved_tensors
         causal, sliding_window = ctx.mask_args
-        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, ctx.scale)
+        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, ctx.scale)
         return dq, dk, dv, None, None, None, None
 
 

@@ -1,6 +1,7 @@
 """Speed and memory of our kernels against the obvious alternatives; prints tables.
 
     python -m kernels.bench [attention|logprobs|all]        (default: all)
+    python -m kernels.bench compile [--json PATH]           (no GPU needed: sm_90/sm_80 resource table)
 
 logprobs, GPU: token_logprobs (fwd+bwd) in its two gradient modes against the naive path (bf16
     logits, upcast to fp32, log_softmax, gather) at D=4096, V=32000, N=4k..32k, bf16. Extra peak memory
@@ -209,8 +210,9 @@ def bench_attention():
     H, H_KV, HEAD_DIM, TOKENS = 32, 8, 128, 16384
     print(f"\nattention: TFLOP/s fwd / bwd / fwd+bwd, bf16, causal, {H} heads / {H_KV} KV heads, head_dim {HEAD_DIM}, "
           f"{TOKENS} tokens per batch; flash-attn {'found' if flash_attn_func else 'not installed'}")
-    print(f"{'window':>6} {'T':>6} {'B':>3} | {'ours':>17} | {'sdpa flash':>17} | {'flash-attn':>17}")
-    for window in (None, 4096):
+    print("segments: each row packed with examples of T/4 tokens (the SFT path); SDPA has no such mask")
+    print(f"{'window':>6} {'seg':>4} {'T':>6} {'B':>3} | {'ours':>17} | {'sdpa flash':>17} | {'flash-attn':>17}")
+    for window, packed in ((None, False), (None, True), (4096, False)):
         for T in (1024, 2048, 4096, 8192, 16384):
             B = TOKENS // T
             q = torch.randn(B, H, T, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -219,9 +221,15 @@ def bench_attention():
             flops = attention_flops(B, H, T, HEAD_DIM, True, window)
             cells = []
 
-            cells.append(_tflops(lambda: flash_attention(q, k, v, causal=True, sliding_window=window), [q, k, v], flops))
+            seg = None
+            if packed:  # flops still count the full causal triangle: segments show as lost TFLOP/s
+                seg = (torch.arange(T, device="cuda") // (T // 4)).expand(B, T).contiguous()
+            cells.append(_tflops(lambda: flash_attention(q, k, v, causal=True, sliding_window=window, segment_ids=seg),
+                                 [q, k, v], flops))
 
-            if window is None:        # the flash SDPA backend has no sliding window
+            if packed:
+                cells.append(None)
+            elif window is None:        # the flash SDPA backend has no sliding window
                 k_rep, v_rep = (x.detach().repeat_interleave(H // H_KV, dim=1).requires_grad_() for x in (k, v))
 
                 def sdpa():
@@ -231,7 +239,7 @@ def bench_attention():
             else:
                 cells.append(None)
 
-            if flash_attn_func is not None:   # (B, T, heads, head_dim) layout, GQA native
+            if flash_attn_func is not None and not packed:   # (B, T, heads, head_dim) layout, GQA native
                 qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
                 window_size = (-1, -1) if window is None else (window - 1, 0)     # itself + window-1 before
                 cells.append(_tflops(lambda: flash_attn_func(qf, kf, vf, causal=True, window_size=window_size),
@@ -240,9 +248,219 @@ def bench_attention():
                 cells.append(None)
 
             text = [" / ".join(f"{x:4.0f}" for x in c) if c else "n/a" for c in cells]
-            print(f"{str(window):>6} {T:>6} {B:>3} | {text[0]:>17} | {text[1]:>17} | {text[2]:>17}", flush=True)
+            print(f"{str(window):>6} {'yes' if packed else 'no':>4} {T:>6} {B:>3} | {text[0]:>17} | {text[1]:>17} | "
+                  f"{text[2]:>17}", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
+
+# ---------------------------------------------------------------------------------------------------
+# compile: every kernel, every autotune config, compiled for H100 (sm_90) and A100 (sm_80) on this
+# CPU machine (ptxas ships inside the triton wheel). Method in ../shared/GPU_AUDIT.md: triton.compile
+# on an ASTSource with the signature the runtime would build (pointers, strides, T and window
+# divisible by 16; unit strides and absent pointers as constants); shared memory from the kernel's
+# metadata, registers and spill bytes from the ptxas log, pipelining from cp.async (or TMA) in the PTX.
+# A config whose shared memory exceeds the device's limit is one the autotuner drops on that device
+# (its launch fails with OutOfResources and the benchmark skips it): `pruned`.
+# ---------------------------------------------------------------------------------------------------
+
+TARGETS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}                 # capability, shared bytes per block
+VARIANTS = {                                                             # IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS
+    "causal": (True, False, False), "causal+window": (True, True, False),
+    "causal+segments": (True, False, True), "causal+window+segments": (True, True, True),
+    "non-causal": (False, False, False),
+}
+_DIV16 = {"T", "T_BUCKET", "window", "V", "D", "stride_h", "stride_w", "stride_z"}
+
+
+def _arg_type(kernel, name, dtype):
+    """Triton signature type of a kernel argument, from its name (the kernels' naming is regular)."""
+    if name in ("LSE", "DELTA", "logp_ptr", "lse_ptr", "ent_ptr", "z_ptr", "c_ptr"):
+        return "*fp32"
+    if name in ("SEG", "t_ptr"):
+        return "*i64"
+    if name == "SEG_BOUNDS":
+        return "*i32"
+    if kernel.startswith("_attn") and name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") or \
+            name in ("h_ptr", "w_ptr", "dz_ptr", "a_ptr", "b_ptr"):
+        return "*" + dtype
+    if name in ("qk_scale", "softmax_scale"):
+        return "fp32"
+    return "i32"
+
+
+def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64, 128), variants=tuple(VARIANTS),
+                 kernels=None):
+    """One job per (kernel, target, dtype, head_dim, variant, config): plain dicts, so a process pool can run them."""
+    from kernels import attention as A, logprobs as L
+    jobs = []
+    for target in targets:
+        for dtype in dtypes:
+            tl_dtype = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}[dtype]
+            for head_dim in head_dims:
+                for variant in variants:
+                    causal, window, segments = VARIANTS[variant]
+                    flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_SEGMENTS=segments,
+                                 UPCAST=False, DOT_PRECISION="tf32")
+                    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+                        for cfg in A.tuning_configs(name, head_dim):          # after the head-dim pruning
+                            jobs.append(dict(kernel=name, target=target, dtype=dtype, head_dim=head_dim,
+                                             variant=variant, constexprs=flags, config=_config_dict(cfg)))
+                jobs.append(dict(kernel="_attn_bwd_delta", target=target, dtype=dtype, head_dim=head_dim,
+                                 variant="-", constexprs=dict(HEAD_DIM=head_dim),
+                                 config=dict(BLOCK=A.PRE_BLOCK_COMPILED, num_warps=4, num_stages=3)))
+            lp = dict(DOT_DTYPE=tl_dtype, PRECISION="tf32")
+            for cfg in L._FWD_CONFIGS:
+                jobs.append(dict(kernel="_logprobs_fwd_kernel", target=target, dtype=dtype, head_dim=None,
+                                 variant="-", constexprs=lp, config=_config_dict(cfg)))
+            jobs.append(dict(kernel="_softmax_grad_kernel", target=target, dtype=dtype, head_dim=None, variant="-",
+                             constexprs=dict(WRITE_GRAD=True, **L._softmax_constexprs(tl_dtype)),
+                             config=dict(**L._SOFTMAX_BLOCKS, num_warps=8, num_stages=3)))
+            for site, (consts, types) in L._GEMM_SITES.items():              # the three GEMMs of a chunk
+                for cfg in L.mm_configs(site):                                # after the layout pruning
+                    jobs.append(dict(kernel="_matmul_kernel", target=target, dtype=dtype, head_dim=None,
+                                     variant=site, constexprs=dict(consts, **lp, ACCUMULATE=site == "grad_weight"),
+                                     types={k: t.format(dtype=dtype) for k, t in types.items()},
+                                     config=_config_dict(cfg)))
+    return [j for j in jobs if kernels is None or j["kernel"] in kernels]
+
+
+def _config_dict(cfg):
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _jitfn(kernel):
+    import triton
+    from kernels import attention as A, logprobs as L
+    if kernel.startswith("_attn"):
+        fn = getattr(A, kernel)
+        return fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn     # under triton.autotune or not
+    return triton.jit(getattr(L, kernel))
+
+
+def compile_one(job):
+    """Compiles one job; returns the record of the issue (kernel, target, dtype, ..., pipelined)."""
+    import contextlib, io, re
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True                              # the ptxas log only comes with a compile
+    fn = _jitfn(job["kernel"])
+    cfg = dict(job["config"])
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    constexprs = dict(job["constexprs"], **cfg)
+    for name, value in list(constexprs.items()):                         # "tl.bfloat16" -> the dtype object
+        if isinstance(value, str) and value.startswith("tl."):
+            constexprs[name] = getattr(triton.language, value[3:])
+    if not constexprs.get("HAS_SEGMENTS", True):
+        constexprs.update({n: None for n in ("SEG", "SEG_BOUNDS") if n in fn.arg_names})
+    types = job.get("types", {})
+    constexprs.update({n: t for n, t in types.items() if not isinstance(t, str)})     # unit strides: 1
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types.get(name) or _arg_type(job["kernel"], name, job["dtype"])
+        if signature[name].startswith("*") or name.startswith("stride") or name in _DIV16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    capability, limit = TARGETS[job["target"]]
+    rec = dict(kernel=job["kernel"], target=job["target"], dtype=job["dtype"], head_dim=job["head_dim"],
+               variant=job["variant"], config=job["config"], ok=False, pruned=False, shared_bytes=None,
+               registers=None, spill_bytes=None, pipelined=None)
+    log = io.StringIO()
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                               options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:                                               # a config that does not compile
+        lines = str(e).strip().splitlines() or [""]
+        rec["error"] = f"{type(e).__name__}: {lines[0][:200]} ... {lines[-1][:300]}"
+        return rec
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    ptx = k.asm.get("ptx", "")
+    rec.update(ok=True, shared_bytes=k.metadata.shared, pruned=k.metadata.shared > limit,
+               registers=int(regs.group(1)) if regs else None,
+               spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None,
+               pipelined="cp.async" in ptx)                                # cp.async.bulk (TMA) included
+    return rec
+
+
+def run_compile(jobs, workers=None):
+    """Runs the jobs in fresh spawned processes (this one may hold kernels imported in interpreter mode, as
+    the tests do), with TRITON_INTERPRET unset in their environment before they import triton."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    workers = workers or max(1, min(len(os.sched_getaffinity(0)), 16))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(compile_one, jobs, chunksize=1))   # every worker spawned inside map()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _config_text(c):
+    blocks = "/".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
+    return f"{blocks}/{c['num_warps']}w/{c['num_stages']}s"
+
+
+def print_compile_table(records):
+    """One line per (kernel, target, head_dim, variant): configs, pruned, spilling, pipelined, max shared/regs."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["kernel"], r["target"], r["head_dim"] or "-", r["variant"]), []).append(r)
+    print(f"{'kernel':<22} {'target':<6} {'hd':>3} {'variant':<24} {'cfgs':>4} {'fail':>4} {'pruned':>6} "
+          f"{'spill':>5} {'pipel.':>6} {'max shared':>10} {'max regs':>8}  spilling configs (kept)")
+    for (kernel, target, hd, variant), rs in groups.items():
+        kept = [r for r in rs if r["ok"] and not r["pruned"]]
+        spilling = sorted({_config_text(r["config"]) + f"={r['spill_bytes']}B" for r in kept if r["spill_bytes"]})
+        pipelined = sum(bool(r["pipelined"]) for r in kept)
+        print(f"{kernel:<22} {target:<6} {hd!s:>3} {variant:<24} {len(rs):>4} {sum(not r['ok'] for r in rs):>4} "
+              f"{sum(r['pruned'] for r in rs):>6} {len(spilling):>5} {pipelined:>3}/{len(kept):<2} "
+              f"{max((r['shared_bytes'] or 0) for r in kept) if kept else 0:>10} "
+              f"{max((r['registers'] or 0) for r in kept) if kept else 0:>8}  {' '.join(spilling[:4])}")
+    print(compile_summary(records))
+
+
+def compile_summary(records):
+    kept = [r for r in records if r["ok"] and not r["pruned"]]
+    seg = [r for r in kept if "segments" in r["variant"]]
+    return (f"summary: {len(records)} compiles ({len({r['kernel'] for r in records})} kernels), "
+            f"{sum(not r['ok'] for r in records)} failed, {sum(r['pruned'] for r in records)} pruned, "
+            f"{len(kept)} kept; kept configs that spill: {sum(bool(r['spill_bytes']) for r in kept)}; "
+            f"segment-variant configs pipelined: {sum(bool(r['pipelined']) for r in seg)}/{len(seg)}; "
+            f"max shared {max(r['shared_bytes'] for r in kept)} B; max registers {max(r['registers'] or 0 for r in kept)}")
+
+
+def bench_compile(argv):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m kernels.bench compile")
+    p.add_argument("--json", help="write the records here (a list of dicts)")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["bf16", "fp16"])
+    p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--kernels", nargs="+", help="only these kernel function names")
+    p.add_argument("--workers", type=int, help="compile processes (default: the CPUs available)")
+    args = p.parse_args(argv)
+    jobs = compile_jobs(args.targets, args.dtypes, args.head_dims, args.variants, args.kernels)
+    t0 = time.time()
+    records = run_compile(jobs, args.workers)
+    records.sort(key=lambda r: (r['kernel'], r['target'], str(r['head_dim']), r['variant']))
+    print_compile_table(records)
+    print(f"{len(jobs)} compiles in {time.time() - t0:.0f} s")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.json)
 
 
 def main(argv):
@@ -251,8 +469,10 @@ def main(argv):
         print(json.dumps(measure_cpu_memory(spec["method"], spec["N"], spec["D"], spec["V"])))
         return
     what = argv[0] if argv else "all"
+    if what == "compile":
+        return bench_compile(argv[1:])
     if what not in ("attention", "logprobs", "all"):
-        raise SystemExit(f"usage: python -m kernels.bench [attention|logprobs|all], got {what!r}")
+        raise SystemExit(f"usage: python -m kernels.bench [attention|logprobs|all|compile], got {what!r}")
     print_header()
     if what in ("logprobs", "all"):
         bench_logprobs()

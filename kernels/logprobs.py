@@ -123,13 +123,16 @@ def _logprobs_fwd_kernel(
 
 
 def _softmax_grad_kernel(
-    z_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr,
-    C, V, stride_z, ignore_index,
+    z_ptr, dz_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr,
+    C, V, stride_z, stride_dz, ignore_index,
     WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # On a chunk of materialized fp32 logits (C, V): the same online log-sum-exp as above, then a
-    # second sweep that overwrites the logits with dlogp/dz = onehot(t) - softmax(z). Rows with an
-    # ignored target get a harmless onehot at column 0: their gradient is scaled by 0 later.
+    # second sweep that writes dlogp/dz = onehot(t) - softmax(z) to dz_ptr. Rows with an ignored
+    # target get a harmless onehot at column 0: their gradient is scaled by 0 later. dz may be the
+    # logits buffer itself (fp32) or a 16-bit view of it (row r at byte 4Vr, the first half of z's
+    # row r): a program owns whole rows and writes the bytes of columns it has already read, so the
+    # overlap is safe, and the GEMMs then read 16-bit operands (half the shared memory, no spills).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < C
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z                            # (BLOCK_N, 1)
@@ -164,17 +167,19 @@ def _softmax_grad_kernel(
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0)
             p = tl.exp(z - lse[:, None])
             dz = tl.where(cols[None, :] == onehot_col[:, None], 1.0 - p, -p)
-            tl.store(z_rows + cols[None, :], dz, mask=mask)
+            tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
+                     dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K,
+    a_ptr, b_ptr, c_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # c (M, N) fp32 (+)= a (M, K) @ b (K, N); any strides, so a transpose is free. Operands may be
-    # fp32 (the logits chunk) or the model dtype; both are cast to DOT_DTYPE on load. Plain
+    # c (M, N) fp32 (+)= a (M, K) @ b (K, N); any strides, so a transpose is free. Operands are
+    # cast to DOT_DTYPE on load (a no-op on GPU, where both are in the model dtype). M_KEY, N_KEY,
+    # K_KEY are only read by the autotuner (_mm_key: bucketed sizes). Plain
     # row-major program order (no grouped ordering for L2 reuse as in the Triton tutorial): the
     # operands here are either small (a chunk) or re-read by every program anyway.
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,15 +201,58 @@ def _matmul_kernel(
 
 # Autotuning on GPU; one fixed small config in the interpreter (autotune with several configs fails
 # there, and small blocks keep interpreted runs short).
+# Every config compiles for sm_90 without spilling registers (`python -m kernels.bench compile`,
+# tests/test_kernels_compile.py); configs that spilled were dropped: fwd 128/128/64 with 4 warps, and
+# for the GEMM whose A operand is transposed (grad_weight = dz^T @ h: stride_am == 1) every tile
+# larger than 128 x 64 or 64 x 128, hence a separate list for that layout, picked by early pruning.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 64}, num_warps=w, num_stages=st)
-    for bn in (64, 128) for bv in (64, 128) for w, st in ((4, 3), (8, 4))
+    for bn in (64, 128) for bv in (64, 128) for w, st in ((4, 3), (8, 4)) if (bn, bv, w) != (128, 128, 4)
 ]
-_MM_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-                              (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4))
-]
+_MM_SHAPES = {
+    "row-major A": ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+                    (128, 64, 64, 4, 4)),
+    "transposed A": ((64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)),
+}
+_MM_CONFIGS = {layout: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                        for bm, bn, bk, w, st in shapes] for layout, shapes in _MM_SHAPES.items()}
+
+
+def _mm_layout(stride_am, stride_ak):
+    return "transposed A" if stride_am == 1 and stride_ak != 1 else "row-major A"
+
+
+def mm_configs(site):
+    """The GEMM configs the autotuner tries at one of the _GEMM_SITES (after its early pruning)."""
+    consts = _GEMM_SITES[site][0]
+    return _MM_CONFIGS[_mm_layout(consts.get("stride_am"), consts.get("stride_ak"))]
+
+
+def _prune_mm(configs, nargs, **kwargs):
+    keep = _MM_CONFIGS[_mm_layout(nargs["stride_am"], nargs["stride_ak"])]
+    return [c for c in configs if any(c is k for k in keep)]
+# The three GEMMs of a chunk as `python -m kernels.bench compile` builds them: unit strides (which
+# Triton specializes to constants at launch) and operand types: on GPU every operand is in the model
+# dtype (dz written 16-bit by the softmax kernel, the scaled hidden rows cast before the GEMM).
+_GEMM_SITES = {
+    "logits": (dict(stride_ak=1, stride_bk=1, stride_cn=1), {}),               # z = h @ W^T
+    "grad_hidden": (dict(stride_ak=1, stride_bn=1, stride_cn=1), {}),          # dz @ W
+    "grad_weight": (dict(stride_am=1, stride_bn=1, stride_cn=1), {}),          # dz^T @ (g h)
+}
+
+
+def _softmax_constexprs(dot_dtype):
+    return {}
+
+
+def _mm_key(M, N, K):
+    """Autotune key of a GEMM: each size bucketed to a power of two, rows (the only size that changes
+    from one micro-batch to the next) at least 2048: Triton re-benchmarks every config for every new
+    key, and a key per distinct row count would tune on almost every step. 2048+ rows of a
+    (rows, 4096) x (4096, 32000) GEMM fill an H100 many times over with any of the configs."""
+    return tuple(max(triton.next_power_of_2(x), 2048) for x in (M, N, K))
+
+
 _INTERPRET_BLOCKS = {
     "fwd": dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32),
     "mm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
@@ -221,7 +269,8 @@ def _kernels(interpret):
     if not interpret:
         fwd = triton.autotune(_FWD_CONFIGS, key=["V", "D"])(fwd)
         # restore_value: tuning runs the kernel several times, which must not accumulate into c.
-        mm = triton.autotune(_MM_CONFIGS, key=["M", "N", "K"], restore_value=["c_ptr"])(mm)
+        mm = triton.autotune([c for cs in _MM_CONFIGS.values() for c in cs], key=["M_KEY", "N_KEY", "K_KEY"],
+                             restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune_mm})(mm)
     return fwd, softmax_grad, mm
 
 
@@ -257,16 +306,25 @@ def _triton_forward(hidden, weight, targets, ignore_index):
     return logp, lse, ent
 
 
-def _triton_softmax_grad_(z, targets, ignore_index, write_grad):
+def _dz_dtype(dtype):
+    # dz in the GEMMs' operand dtype: 16-bit on GPU for 16-bit models (the GEMM rounded it there
+    # anyway), fp32 for fp32 models and in the interpreter (whose dots are fp32).
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(_dot_args(dtype)[0], torch.float32)
+
+
+def _triton_softmax_grad_(z, targets, ignore_index, write_grad, dz_dtype=torch.float32):
+    """Stats of the fp32 logits chunk z (C, V), contiguous; with write_grad also dz = onehot - softmax,
+    returned as z itself (fp32) or as a (C, V) 16-bit view into z's storage (row stride 2V)."""
     C, V = z.shape
     logp, lse, ent = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(3))
+    dz = z if dz_dtype == torch.float32 else z.view(dz_dtype)[:, :V]
     interpret = _interpreting()
     _, softmax_grad, _ = _kernels(interpret)
     blocks = _SOFTMAX_BLOCKS_INTERPRET if interpret else _SOFTMAX_BLOCKS
     grid = (triton.cdiv(C, blocks["BLOCK_N"]),)
-    softmax_grad[grid](z, targets, logp, lse, ent, C, V, z.stride(0), ignore_index,
+    softmax_grad[grid](z, dz, targets, logp, lse, ent, C, V, z.stride(0), dz.stride(0), ignore_index,
                        WRITE_GRAD=write_grad, **blocks, **({} if interpret else dict(num_warps=8)))
-    return logp, lse, ent
+    return (logp, lse, ent), dz
 
 
 def _triton_matmul(a, b, dtype, out=None):
@@ -280,7 +338,8 @@ def _triton_matmul(a, b, dtype, out=None):
     _, _, mm = _kernels(interpret)
     dot_dtype, precision = _dot_args(dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-    mm[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+    mm[grid](a, b, out, M, N, K, *_mm_key(M, N, K),
+             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
              ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, PRECISION=precision,
              **(_INTERPRET_BLOCKS["mm"] if interpret else {}))
     return out
@@ -336,7 +395,8 @@ def _sweep(hidden, weight, targets, ignore_index, chunk, *,
         h = hidden[rows]                                                          # (C, D)
         if use_triton:
             z = _triton_matmul(h, weight.T, weight.dtype)                          # (C, V)
-            chunk_stats = _triton_softmax_grad_(z, targets[rows], ignore_index, write_grad)
+            chunk_stats, z = _triton_softmax_grad_(z, targets[rows], ignore_index, write_grad,
+                                                   _dz_dtype(weight.dtype))        # z: now dz, maybe 16-bit
         else:
             z = torch.mm(h.float(), w32.T, out=z_buf[:h.shape[0]])                 # (C, V)
             chunk_stats = _torch_softmax_grad_(z, targets[rows], ignore_index, write_grad, want_entropy)
@@ -350,7 +410,7 @@ def _sweep(hidden, weight, targets, ignore_index, chunk, *,
         if grad_w is not None:
             hs = h.float() * grad_w_scale[rows, None]                                  # (C, D) fp32
             if use_triton:
-                _triton_matmul(z.T, hs, weight.dtype, out=grad_w)
+                _triton_matmul(z.T, hs.to(z.dtype), weight.dtype, out=grad_w)      # operands in dz's dtype
             else:
                 grad_w.addmm_(z.T, hs)
         del z
@@ -492,10 +552,17 @@ def token_logprobs(hidden, weight, targets, ignore_index=-100, *, expected_grad=
     return _apply(hidden, weight, targets, expected_grad, ignore_index, chunk_size, return_stats)
 
 
+def default_chunk_rows(V, device_type):
+    """Rows of logits per chunk: ~32 MiB (CPU) or ~512 MiB (GPU) of fp32. A power of two on GPU, so
+    that every chunk's GEMMs fall in the few autotune buckets of _mm_key."""
+    if device_type == "cuda":
+        return max(16, 1 << (GPU_CHUNK_BYTES // (4 * V)).bit_length() - 1)
+    return max(16, CPU_CHUNK_BYTES // (4 * V))
+
+
 def _apply(hidden, weight, targets, expected_grad, ignore_index, chunk_size, return_stats):
     if chunk_size is None:
-        budget = GPU_CHUNK_BYTES if hidden.device.type == "cuda" else CPU_CHUNK_BYTES
-        chunk_size = max(16, budget // (4 * weight.shape[0]))
+        chunk_size = default_chunk_rows(weight.shape[0], hidden.device.type)
     logp, lse, ent = _TokenLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
                                           expected_grad, ignore_index, chunk_size, return_stats,
                                           torch.is_grad_enabled())

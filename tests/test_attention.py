@@ -189,6 +189,71 @@ def test_kernels_match_reference(name):
     check_against_reference(q, k, v, sliding_window=W, segment_ids=seg)
 
 
+# The straight-line segment path: each tile walks a masked edge range and an unmasked interior range
+# computed from segment starts (kernels/attention.py, _key_ranges / _query_ranges). Tiles are 16 wide
+# in the interpreter, so segments of 1-15 tokens sit inside one tile, and a segment boundary or a
+# window edge falls inside a tile, on it, or one past it.
+SEGMENT_CASES = {
+    # name: (B, H, H_kv, T, D, dtype, sliding_window, segment lengths per row)
+    "odd-T-many-short-gqa4-fp32": (2, 4, 1, 77, 32, torch.float32, None, [(3, 1, 13, 16, 17, 2, 25), (33, 44)]),
+    "boundaries-on-tiles-bf16": (1, 4, 1, 64, 32, torch.bfloat16, None, [(16, 32, 16)]),
+    "window-and-segments-gqa4-fp32": (2, 4, 1, 61, 32, torch.float32, 9, [(5, 40, 16), (1, 1, 59)]),
+    "window-and-segments-bf16": (1, 4, 1, 71, 64, torch.bfloat16, 20, [(50, 3, 18)]),
+    "long-segment-interior-tiles-fp32": (1, 2, 2, 83, 32, torch.float32, None, [(2, 80, 1)]),
+}
+
+
+@pytest.mark.parametrize("name", list(SEGMENT_CASES))
+def test_segment_path_matches_dense_mask_reference(name):
+    B, H, H_kv, T, D, dtype, W, lengths = SEGMENT_CASES[name]
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, H, H_kv, T, D, dtype, seed=3))
+    check_against_reference(q, k, v, sliding_window=W, segment_ids=packed_segments(*lengths))
+
+
+def test_segment_path_with_padding_segment_at_the_end():
+    # Packed SFT with right padding: the model gives padding id -1 (ids not monotone, one run each).
+    T = 45
+    seg = packed_segments((20, 25))
+    seg[0, 37:] = -1
+    q, k, v = (x.requires_grad_() for x in random_qkv(1, 4, 1, T, 32, torch.float32, seed=4))
+    check_against_reference(q, k, v, sliding_window=30, segment_ids=seg)
+
+
+def test_segment_bounds_match_brute_force():
+    g = torch.Generator().manual_seed(5)
+    seg = torch.cat([torch.randint(0, 4, (3, 37), generator=g), packed_segments((10, 27))])
+    first, last, run_start, run_end = attn._segment_bounds(seg).long()
+    for b in range(seg.shape[0]):
+        for i in range(seg.shape[1]):
+            same = (seg[b] == seg[b, i]).nonzero().squeeze(1)
+            assert (first[b, i], last[b, i]) == (same.min(), same.max())
+            lo = i
+            while lo > 0 and seg[b, lo - 1] == seg[b, i]:
+                lo -= 1
+            hi = i
+            while hi < seg.shape[1] - 1 and seg[b, hi + 1] == seg[b, i]:
+                hi += 1
+            assert (run_start[b, i], run_end[b, i]) == (lo, hi)
+
+
+def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
+    # model.py's mask choice on the CUDA path (x only needs .is_cuda, .shape and .device here).
+    import types
+    import model
+    monkeypatch.setattr(model, "_flash_attention", lambda: "flash")
+    this = types.SimpleNamespace(config=model.config_from_preset("tiny"))
+    x = types.SimpleNamespace(is_cuda=True, shape=(2, 6, 128), device=torch.device("cpu"))
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    packed = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1]])
+    mask = model.Mistral._mask(this, x, 6, right, None, None)
+    assert mask.kind == "flash" and mask.segment_ids is None
+    mask = model.Mistral._mask(this, x, 6, left, None, None)
+    assert mask.segment_ids.tolist() == [[-1, -1, 0, 0, 0, 0], [0] * 6]
+    mask = model.Mistral._mask(this, x, 6, right, packed, None)  # packed SFT keeps its segments
+    assert mask.segment_ids.tolist() == [[0, 0, 1, 1, -1, -1], [0, 0, 0, 1, 1, 1]]
+
+
 @pytest.mark.parametrize("lengths", [None, [(10, 23), (33,)]])
 def test_non_causal_matches_reference(lengths):
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 33, 32, torch.float32))
@@ -197,8 +262,9 @@ def test_non_causal_matches_reference(lengths):
 
 
 def test_segment_ids_need_not_be_sorted():
-    # Block skipping uses per-tile min/max of ids; with interleaved and reappearing ids it must
-    # skip nothing that is visible. int16 ids also exercise the dtype conversion.
+    # Tile ranges come from each id's first/last position and its run (_segment_bounds); with
+    # interleaved and reappearing ids they must skip nothing that is visible and leave no invisible
+    # pair in an unmasked tile. int16 ids also exercise the dtype conversion.
     T = 48
     seg = torch.stack([torch.arange(T) % 3, torch.tensor([7] * 16 + [2] * 16 + [7] * 16)]).to(torch.int16)
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 2, 1, T, 32, torch.float32))
@@ -229,7 +295,7 @@ def test_saved_logsumexp_matches_dense_logsumexp():
     B, H, T, D, W = 1, 2, 40, 32, 11
     q, k, v = random_qkv(B, H, 1, T, D, torch.float32)
     seg = packed_segments((25, 15))
-    o, lse = attn._triton_forward(q, k, v, True, W, seg, 0.2)
+    o, lse = attn._triton_forward(q, k, v, True, W, seg, attn._segment_bounds(seg), 0.2)
     scores = (q @ k.transpose(-1, -2)) * 0.2  # (B, H, T, T); k broadcasts over the H query heads
     scores = scores.masked_fill(~attn.attention_mask(T, W, seg), float("-inf"))
     assert lse.shape == (B, H, T) and lse.dtype == torch.float32

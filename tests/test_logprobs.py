@@ -215,3 +215,64 @@ def test_bad_input_is_rejected_with_a_message_naming_it(change, message):
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=message):
         token_logprobs(args["hidden"], args["weight"], args["targets"], IGNORE, expected_grad=expected_grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU-path plumbing that the interpreter can check: the 16-bit dz written over the fp32 logits, and
+# the GEMMs' autotune keys.
+# ---------------------------------------------------------------------------------------------------
+
+def test_softmax_grad_writes_16bit_dz_over_its_own_logits(monkeypatch):
+    # On GPU, dz = onehot - softmax goes out in the model's 16-bit dtype into the first half of each
+    # fp32 logits row (the GEMMs then read 16-bit operands). Rows are overwritten while being read.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    C, Vz = 9, 300                                      # odd: partial row blocks and vocab tiles
+    gen = torch.Generator().manual_seed(7)
+    z = 3 * torch.randn(C, Vz, generator=gen)
+    targets = torch.randint(0, Vz, (C,), generator=gen)
+    targets[4] = IGNORE
+    expected = torch.softmax(z, dim=1).neg()
+    ok = targets != IGNORE
+    expected[ok.nonzero().squeeze(1), targets[ok]] += 1.0
+    expected[~ok, 0] += 1.0                             # ignored rows: onehot at column 0 (scaled by 0 later)
+    lse = torch.logsumexp(z, dim=1)
+    expected_logp = z.gather(1, targets.clamp(min=0)[:, None]).squeeze(1) - lse    # before z is overwritten
+    (logp, out_lse, _), dz = logprobs._triton_softmax_grad_(z, targets, IGNORE, True, torch.float16)
+    assert dz.dtype == torch.float16 and dz.shape == (C, Vz) and dz.stride() == (2 * Vz, 1)
+    assert dz.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    assert (dz.float() - expected).abs().max().item() <= 2.0 ** -11      # one fp16 rounding of values <= 1
+    assert (out_lse - lse).abs().max().item() <= 1e-5
+    assert torch.allclose(logp[ok], expected_logp[ok], atol=1e-5)
+
+
+def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
+    # Triton re-benchmarks every config for each new key. Real micro-batches have a different number
+    # of target rows each (here 1,000-9,000 at V=32000, D=4096, the GPU's chunking): the three GEMMs of
+    # a training step must stay within a few keys. The sweep runs for real on meta tensors, with the
+    # kernels replaced by recorders of their autotune-key arguments.
+    keys = set()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                keys.add((args[6], args[7], args[8], args[0].dtype, args[1].dtype))   # M_KEY, N_KEY, K_KEY
+            return launch
+
+    monkeypatch.setattr(logprobs, "_kernels", lambda interpret: (None, None, Recorder()))
+    monkeypatch.setattr(logprobs, "_uses_triton", lambda device: True)
+    monkeypatch.setattr(logprobs, "_interpreting", lambda: False)
+    monkeypatch.setattr(logprobs, "_triton_softmax_grad_",
+                        lambda z, t, ii, wg, dz_dtype: ((z.new_empty(len(t)),) * 3, z.view(dz_dtype)[:, :z.shape[1]]))
+    Dm, Vm = 4096, 32000
+    weight = torch.empty(Vm, Dm, device="meta", dtype=torch.bfloat16)
+    chunk = logprobs.default_chunk_rows(Vm, "cuda")
+    rows = torch.randint(1000, 9001, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    for n in rows:
+        hidden = torch.empty(n, Dm, device="meta", dtype=torch.bfloat16)
+        targets = torch.empty(n, device="meta", dtype=torch.long)
+        scale = torch.empty(n, device="meta")
+        logprobs._sweep(hidden, weight, targets, IGNORE, chunk, stats=True,
+                        grad_h=torch.empty(n, Dm, device="meta"), grad_h_scale=scale,
+                        grad_w=torch.empty(Vm, Dm, device="meta"), grad_w_scale=scale)
+    assert len({k[:3] for k in keys}) <= 8, sorted(keys)
+    assert {k[3] for k in keys} | {k[4] for k in keys} == {torch.bfloat16}      # 16-bit operands only
