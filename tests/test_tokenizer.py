@@ -24,9 +24,13 @@ import sentencepiece as spm  # noqa: E402
 
 import tokenizers  # noqa: E402
 
-from data.tokenizer import CHAT_TEMPLATE, Tokenizer, atomic_write, render_chat, train_tokenizer  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from data.tokenizer import (CHAT_TEMPLATE, LEGACY, Tokenizer, atomic_write, load_tokenizer, render_chat,  # noqa: E402
+                            train_tokenizer)
 
 MISTRAL_V1 = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+LEGACY_AND_NOT = {True: Tokenizer(MISTRAL_V1, legacy=True), False: Tokenizer(MISTRAL_V1, legacy=False)}
 
 CONVERSATIONS = {
     "no_system_multi_turn": [
@@ -100,12 +104,28 @@ def random_text(rng):
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("name", [*CONVERSATIONS, "special_strings"])
-def test_encode_chat_equals_transformers_on_rendered_string(mistral, name, add_generation_prompt):
+def test_encode_chat_equals_transformers_chat_template(mistral, name, add_generation_prompt):
+    # Both ways serving stacks tokenize a chat: apply_chat_template(tokenize=True) (transformers) and the
+    # template rendered, then encoded without special tokens (vLLM's chat server).
     ours, hf = mistral
     messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
     ids, mask = ours.encode_chat(messages, add_generation_prompt)
-    assert ids == hf(render_chat(messages, add_generation_prompt))["input_ids"]
-    assert len(mask) == len(ids)
+    templated = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                       return_dict=False)
+    assert list(templated) == ids == hf(render_chat(messages, add_generation_prompt, bos=True),
+                                        add_special_tokens=False)["input_ids"]
+    assert len(mask) == len(ids) and ids[0] == ours.bos_id and ours.bos_id not in ids[1:] or name == "special_strings"
+    # The recipe's way, the rendered text encoded with special tokens (BOS added by the tokenizer), gives the
+    # same ids with legacy; without it transformers puts the dummy prefix after the BOS it adds ('▁<') but not
+    # after a BOS written as text ('<'), and we train on the template's ids.
+    recipe = hf(render_chat(messages, add_generation_prompt))["input_ids"]
+    if ours.legacy:
+        assert recipe == ids
+    else:
+        assert hf.convert_ids_to_tokens(ids[:2]) == ["<s>", "<"] and recipe[2:] == ids[2:]
+        assert hf.convert_ids_to_tokens(recipe[:2]) == ["<s>", "\u2581<"]
+    # and rendering with the BOS and encoding with special tokens doubles it: the call the README warns about
+    assert hf(render_chat(messages, add_generation_prompt, bos=True))["input_ids"][:2] == [1, 1]
 
 
 def test_fuzz_encode_and_decode_match_transformers(mistral):
@@ -151,13 +171,14 @@ def test_apply_chat_template_renders_like_render_chat(mistral, name, add_generat
     ours, hf = mistral
     messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert rendered == render_chat(messages, add_generation_prompt)
+    assert rendered == render_chat(messages, add_generation_prompt, bos=True)
 
 
 def test_render_chat_is_the_zephyr_format():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert render_chat(messages) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n"
     assert render_chat(messages[:1], add_generation_prompt=True) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert render_chat(messages, bos=True) == "<s>" + render_chat(messages)
     assert "raise_exception" in CHAT_TEMPLATE  # bad roles fail in transformers too, as in check_messages
 
 
@@ -169,13 +190,39 @@ def test_chat_template_rejects_bad_roles_in_transformers_too(mistral):
             hf.apply_chat_template(messages, tokenize=False)
 
 
-def test_apply_chat_template_tokenized_lacks_only_bos(mistral):
-    # transformers 5 tokenizes a rendered template with add_special_tokens=False and Zephyr's template
-    # has no <s>; the recipe trained on tokenizer(rendered) with <s>. Pinned here so it stays visible.
-    ours, hf = mistral
-    messages = CONVERSATIONS["no_system_multi_turn"]
-    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    assert list(ids) == ours.encode_chat(messages, add_generation_prompt=True)[0][1:]
+def jinja_render(messages, add_generation_prompt):
+    """CHAT_TEMPLATE rendered by jinja2 alone, as transformers and vLLM set it up (sandboxed, with
+    raise_exception): the template checked without transformers' own rendering code."""
+    import jinja2.sandbox
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token="<s>", eos_token="</s>")
+
+
+chat_text = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", " ", "  x", "\t\tdef f():\n    return  1", "</s>", "<s>", "a</s>b", "<|user|>\n", "\n\n", "é 東京 😀"])
+conversations = st.tuples(st.booleans(), st.lists(st.tuples(chat_text, chat_text), min_size=1, max_size=3),
+                          st.booleans(), chat_text).map(
+    lambda t: ([{"role": "system", "content": t[3]}] if t[0] else [])
+    + [{"role": r, "content": c} for u, a in t[1] for r, c in (("user", u), ("assistant", a))]
+    + ([{"role": "user", "content": t[3]}] if t[2] else []))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations, add_generation_prompt=st.booleans())
+def test_template_render_chat_and_encode_chat_are_one_format(messages, add_generation_prompt):
+    # The three definitions of the format against each other: the template (jinja2 alone) renders as
+    # render_chat(bos=True), and encode_chat's ids are that text encoded whole, its mask a 0/1 list beside them.
+    for legacy in (True, False):
+        tok = LEGACY_AND_NOT[legacy]
+        text = render_chat(messages, add_generation_prompt, bos=True)
+        assert jinja_render(messages, add_generation_prompt) == text
+        ids, mask = tok.encode_chat(messages, add_generation_prompt)
+        assert ids == tok.encode(text) and len(mask) == len(ids) and set(mask) <= {0, 1}
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
@@ -276,6 +323,27 @@ def test_save_pretrained_writes_a_directory_transformers_loads(tmp_path):
     assert hf.chat_template == CHAT_TEMPLATE and hf.padding_side == "left"
     again = Tokenizer.from_pretrained(tmp_path)
     assert again.legacy is True and again.encode("a </s>\nb") == ours.encode("a </s>\nb")
+    # transformers 4.x takes "add_prefix_space" as an order to rebuild the tokenizer from tokenizer.model,
+    # sentencepiece's way (tests/test_transformers_versions.py); "legacy" must be there for every loader.
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "add_prefix_space" not in config and config["legacy"] is True
+
+
+def test_load_tokenizer_has_one_legacy_default(tmp_path):
+    # A bare tokenizer.model, and a directory whose tokenizer_config.json does not say, get LEGACY; a directory
+    # that says gets what it says. Every script loads through load_tokenizer (common.load_tokenizer wraps it).
+    assert LEGACY is True and load_tokenizer(MISTRAL_V1).legacy is LEGACY
+    Tokenizer(MISTRAL_V1, legacy=False).save_pretrained(tmp_path / "no")
+    assert load_tokenizer(str(tmp_path / "no")).legacy is False
+    (tmp_path / "no" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    assert load_tokenizer(str(tmp_path / "no")).legacy is LEGACY
+    (tmp_path / "no" / "tokenizer_config.json").write_text(json.dumps({"legacy": "yes"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: \"legacy\" must be true or false"):
+        load_tokenizer(str(tmp_path / "no"))
+    with pytest.raises(FileNotFoundError, match="no such tokenizer"):
+        load_tokenizer(str(tmp_path / "missing.model"))
+    with pytest.raises(FileNotFoundError, match="directory without a tokenizer.model"):
+        load_tokenizer(str(tmp_path))
 
 
 def generated_corpus(seed, n=300):
@@ -347,12 +415,12 @@ def test_model_directory_loaders_encode_conversations_like_ours(saved, add_gener
     ours, hf, raw = saved
     for messages in [*CONVERSATIONS.values(), SPECIAL_STRINGS]:
         ids = ours.encode_chat(messages, add_generation_prompt)[0]
-        rendered = render_chat(messages, add_generation_prompt)
+        rendered = render_chat(messages, add_generation_prompt, bos=True)
         assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == rendered
-        assert hf(rendered)["input_ids"] == ids == raw.encode(rendered).ids
+        assert hf(rendered, add_special_tokens=False)["input_ids"] == ids == raw.encode(rendered, add_special_tokens=False).ids
         templated = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                            return_dict=False)
-        assert list(templated) == ids[1:]
+        assert list(templated) == ids
         assert hf.decode(ids) == ours.decode(ids, skip_special_tokens=False) == raw.decode(ids, skip_special_tokens=False)
 
 
