@@ -48,9 +48,12 @@ ROLES = ("system", "user", "assistant")
 # against each other, through transformers and through jinja2 alone). It starts with bos_token, so both ways
 # serving stacks tokenize a chat give training's ids: apply_chat_template(tokenize=True) and render-then-encode
 # with add_special_tokens=False (vLLM's chat server). Render-then-encode WITH special tokens adds a second BOS.
+# The space after bos_token is the dummy prefix that tokenizer(text) puts after the BOS it adds itself ('▁<'):
+# written out, it gives the recipe's ids (BOS + tokenizer(rendered text)) with legacy and without, where
+# transformers' Metaspace(prepend_scheme="first") adds no prefix after a BOS that comes as text.
 # Written with {%- -%} everywhere so the output does not depend on the renderer's trim_blocks/lstrip_blocks.
 CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
+    "{{- bos_token + ' ' -}}"
     "{%- if messages[0]['role'] != 'system' -%}"
     "{{- '<|system|>\\n</s>\\n' -}}"
     "{%- endif -%}"
@@ -102,12 +105,12 @@ def _turns(messages):
 
 def render_chat(messages, add_generation_prompt=False, bos=False):
     """
-    `<|role|>\\n{content}</s>\\n` per turn; `<|assistant|>\\n` after them to ask for a reply. With bos, `<s>`
-    first: exactly what CHAT_TEMPLATE renders, whose tokenization without special tokens is encode_chat's ids.
-    Without it, tokenize with special tokens (they add the BOS); never both.
+    `<|role|>\\n{content}</s>\\n` per turn; `<|assistant|>\\n` after them to ask for a reply. With bos, `<s> `
+    first: exactly what CHAT_TEMPLATE renders; tokenize that without special tokens. Without it, tokenize with
+    special tokens (they add the BOS); never both. Either way the ids are encode_chat's.
     """
     text = "".join(f"<|{role}|>\n{content}{EOS}\n" for role, content in _turns(messages))
-    return (BOS if bos else "") + text + ("<|assistant|>\n" if add_generation_prompt else "")
+    return (BOS + " " if bos else "") + text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
 # -----------------------------------------------------------------------------
@@ -314,12 +317,10 @@ class Tokenizer:
 
     def encode_chat(self, messages, add_generation_prompt=False):
         """
-        (ids, loss_mask) for a conversation: CHAT_TEMPLATE's text (BOS first) tokenized as a whole, as
-        transformers' apply_chat_template(tokenize=True) does, and tokenizer(render_chat(messages, bos=True),
-        add_special_tokens=False). With legacy that also equals tokenizer(render_chat(messages)), BOS added by
-        the tokenizer, as the recipe tokenized; without legacy, transformers gives no '▁' after a BOS written
-        as text (Metaspace's "first" scheme) but one after a BOS it adds, and the template's way is the one
-        serving stacks use, so it is the one trained on. loss_mask is 1 exactly
+        (ids, loss_mask) for a conversation: CHAT_TEMPLATE's text (`<s> ` first) tokenized as a whole, as
+        transformers' apply_chat_template(tokenize=True) does, i.e. tokenizer(render_chat(messages, bos=True),
+        add_special_tokens=False) in transformers; equal to tokenizer(render_chat(messages)), the BOS added
+        by the tokenizer, which is how the recipe tokenized. loss_mask is 1 exactly
         on each assistant turn's content and its </s>, 0 on BOS, role headers, the '\\n' (and with legacy
         the '▁') after each </s>, and system/user turns. Both are lists of ints of the same length.
         """
@@ -329,7 +330,7 @@ class Tokenizer:
         parts = []  # (text, 1 if trained on) in rendered order: render_chat(messages, bos=True) cut at turns
         for i, (role, content) in enumerate(_turns(messages)):
             trained = int(role == "assistant")
-            parts.append(((BOS if i == 0 else "\n") + f"<|{role}|>\n", 0))  # "\n" ends the previous turn
+            parts.append(((BOS + " " if i == 0 else "\n") + f"<|{role}|>\n", 0))  # "\n" ends the previous turn
             parts.append((content + EOS, trained))
         parts.append(("\n<|assistant|>\n" if add_generation_prompt else "\n", 0))
 
