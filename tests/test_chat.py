@@ -61,7 +61,7 @@ def test_streamer_writes_the_final_text_piece_by_piece(tokenizer_path):
     # Byte-fallback characters arrive a byte at a time; the dummy-prefix space is dropped as decode drops it.
     import chat
     tok = Tokenizer(tokenizer_path)
-    text = "Crème brûlée 東京 😀👍🏽  two  spaces\n\tdone"
+    text = "Crème brûlée 東京 😀👍🏽🎉 𝔘𝔫𝔦 ꙮ  two  spaces\n\tdone"
     ids = tok.encode(text)
     assert sum(1 for i in ids if tok.pieces[i][1] == 6) > 8  # many byte pieces
     out = io.StringIO()

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -476,3 +477,55 @@ def test_saved_files_get_the_umask_mode_not_0600(tmp_path):
         assert (tmp_path / "private").read_bytes() == b"y" and sorted(os.listdir(tmp_path)) == ["a", "private", "t"]
     finally:
         os.umask(old)
+
+
+# -- data and exported tokenizer agree (common.load_tokenizer, used by sft.py and dpo.py) --------------------
+
+def prepared_split(tmp_path, tokenizer, name="data"):
+    """A train and a test split written by data/ultrachat/prepare.py with `tokenizer` (a file or a directory)."""
+    from conftest import write_jsonl
+    from data.ultrachat import prepare as ultrachat
+    rows = [{"prompt_id": str(i), "messages": [{"role": "user", "content": f"Count to {i}."},
+                                               {"role": "assistant", "content": " ".join(map(str, range(i + 2)))}]}
+            for i in range(12)]
+    src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    for split in ("train", "test"):
+        ultrachat.prepare([src], str(tokenizer), str(tmp_path / name), split)
+    return tmp_path / name
+
+
+def test_load_tokenizer_refuses_a_tokenizer_the_data_was_not_prepared_with(tmp_path, tiny_tokenizer):
+    import types
+
+    import common
+    from data.shards import Shards
+    data = prepared_split(tmp_path, tiny_tokenizer)
+    splits = [Shards(data, "train"), Shards(data, "test")]
+    assert splits[0].meta["tokenizer"]["legacy"] is LEGACY
+    mcfg = types.SimpleNamespace(vocab_size=512)
+    assert common.load_tokenizer(tiny_tokenizer, mcfg, splits).legacy is LEGACY
+    # The same vocabulary exported with the other `legacy`: named by its tokenizer_config.json.
+    Tokenizer(tiny_tokenizer, legacy=not LEGACY).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError) as e:
+        common.load_tokenizer(str(tmp_path / "other"), mcfg, splits)
+    msg = str(e.value)
+    assert str(data / "train.json") in msg and str(tmp_path / "other" / "tokenizer_config.json") in msg
+    assert f"legacy {LEGACY}" in msg and f"legacy {not LEGACY}" in msg
+    # Another vocabulary of the same size: named by its tokenizer.model and sha256.
+    other = train_tokenizer(generated_corpus(seed=3), str(tmp_path / "v2" / "tok"), vocab_size=512)
+    with pytest.raises(ValueError, match=r"sha256") as e:
+        common.load_tokenizer(other, mcfg, splits)
+    assert str(data / "train.json") in str(e.value) and other in str(e.value) and tiny_tokenizer in str(e.value)
+    # Splits that record no tokenizer (written by other tools) are not checked.
+    assert common.load_tokenizer(other, mcfg, [Shards(prepared_split(tmp_path, other, "d2"), "train")])
+
+
+def test_sft_stops_before_training_when_the_tokenizer_differs_from_the_data(tmp_path, tiny_tokenizer):
+    from conftest import run
+    data = prepared_split(tmp_path, tiny_tokenizer)
+    Tokenizer(tiny_tokenizer, legacy=not LEGACY).save_pretrained(tmp_path / "other")
+    args = ["--init_from=scratch", "--model_preset=tiny", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+            "--seq_len=64", "--global_batch_size=4", "--micro_batch_size=2", "--max_steps=1", "--eval_every=0"]
+    p = run([sys.executable, "sft.py", *args, f"--tokenizer={tmp_path / 'other'}"], check=False)
+    assert p.returncode != 0 and str(data / "train.json") in p.stderr and "tokenizer_config.json" in p.stderr
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")  # stopped before the first step
