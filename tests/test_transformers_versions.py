@@ -8,6 +8,7 @@ runs inside it and loads our export with AutoTokenizer; the reference is what tr
 tests/test_tokenizer.py. Set TOKENIZER_VENVS=skip to skip these tests on a machine without PyPI.
 """
 
+import concurrent.futures
 import difflib
 import hashlib
 import json
@@ -70,7 +71,7 @@ def venv_python(version):
     try:
         subprocess.run([sys.executable, "-m", "venv", tmp], check=True, capture_output=True, timeout=300)
         p = subprocess.run([os.path.join(tmp, "bin", "python"), "-m", "pip", "install", "-q",
-                            "--disable-pip-version-check", *pins], capture_output=True, text=True, timeout=900)
+                            "--disable-pip-version-check", "--no-compile", *pins], capture_output=True, text=True, timeout=900)
         if p.returncode:
             pytest.fail(f"pip install {' '.join(pins)} into {tmp} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         try:
@@ -83,10 +84,11 @@ def venv_python(version):
     return python
 
 
-def hf_ids(version, dirs):
+def hf_ids(version, dirs, python=None):
     """tests/hf_tokenize.py's reply for `dirs`, run in the venv of `version`."""
     request = {"dirs": dirs, "texts": TEXTS, "chats": CHATS}
-    p = subprocess.run([venv_python(version), os.path.join(ROOT, "tests", "hf_tokenize.py")], input=json.dumps(request),
+    p = subprocess.run([python or venv_python(version), os.path.join(ROOT, "tests", "hf_tokenize.py")],
+                       input=json.dumps(request),
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
     assert p.returncode == 0, p.stderr[-4000:]
     return json.loads(p.stdout)
@@ -117,10 +119,17 @@ def mismatched_ids(want, got):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer_path):
-    """{directory: (legacy, expected ids)} for the real Mistral v1 tokenizer, legacy and not, in both layouts."""
+def venvs():
+    """{version: python}, the missing venvs created at once (pip mostly waits on the network)."""
     if os.environ.get("TOKENIZER_VENVS") == "skip":
         pytest.skip("TOKENIZER_VENVS=skip")
+    with concurrent.futures.ThreadPoolExecutor(len(VERSIONS)) as pool:
+        return dict(zip(VERSIONS, pool.map(venv_python, VERSIONS)))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer_path):
+    """{directory: (legacy, expected ids)} for the real Mistral v1 tokenizer, legacy and not, in both layouts."""
     out = {}
     for legacy in (True, False):
         for model_dir in (False, True):
@@ -130,8 +139,8 @@ def exported(tmp_path_factory, tokenizer_path):
 
 
 @pytest.mark.parametrize("version", list(VERSIONS))
-def test_autotokenizer_gives_training_ids(exported, version):
-    reply = hf_ids(version, list(exported))
+def test_autotokenizer_gives_training_ids(venvs, exported, version):
+    reply = hf_ids(version, list(exported), venvs[version])
     assert reply["transformers"] == VERSIONS[version][0].split("==")[1]
     for d, (legacy, want) in exported.items():
         got = reply["results"][d]
