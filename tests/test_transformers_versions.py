@@ -70,8 +70,8 @@ def venv_python(version):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         subprocess.run([sys.executable, "-m", "venv", tmp], check=True, capture_output=True, timeout=300)
-        p = subprocess.run([os.path.join(tmp, "bin", "python"), "-m", "pip", "install", "-q",
-                            "--disable-pip-version-check", "--no-compile", *pins], capture_output=True, text=True, timeout=900)
+        p = subprocess.run([os.path.join(tmp, "bin", "python"), "-m", "pip", "install", "-q", "--no-compile",
+                            "--disable-pip-version-check", *pins], capture_output=True, text=True, timeout=900)
         if p.returncode:
             pytest.fail(f"pip install {' '.join(pins)} into {tmp} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
         try:
