@@ -544,13 +544,27 @@ def finish(model, mcfg, cfg, d, tokenizer):
     shutdown()
 
 
-def load_tokenizer(path, mcfg):
-    from data.tokenizer import Tokenizer
+def load_tokenizer(path, mcfg, splits=()):
+    """The tokenizer a stage exports with (data.tokenizer.load_tokenizer: a tokenizer.model, or a directory whose
+    tokenizer_config.json sets `legacy`), checked against the model's vocab_size and against the tokenizer each
+    prepared split (data.shards.Shards) records in its json: the exported tokenizer must give the ids trained on."""
+    from data.tokenizer import load_tokenizer as load
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer {path} not found (set --tokenizer=PATH/tokenizer.model)")
-    tok = Tokenizer(path)
+        raise FileNotFoundError(f"tokenizer {path} not found (set --tokenizer=PATH/tokenizer.model or a directory)")
+    tok = load(path)
     if tok.vocab_size != mcfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tok.vocab_size} pieces, the model's vocab_size is {mcfg.vocab_size}")
+    ours = {"sha256": hashlib.sha256(tok.model_bytes).hexdigest(), "legacy": tok.legacy}
+    for split in splits:
+        recorded = split.meta.get("tokenizer") or {}  # absent in splits written by other tools: nothing to check
+        for key in ours:
+            if key in recorded and recorded[key] != ours[key]:
+                raise ValueError(
+                    f"{split.paths['json']}: the data was tokenized with {recorded.get('path')} ({key} "
+                    f"{recorded[key]}), but this run would export {tok.model_path} ({key} {ours[key]}"
+                    + (f", from {os.path.join(path, 'tokenizer_config.json')}" if key == "legacy" and os.path.isdir(path)
+                       else "") + "): the model would be served with other ids than it was trained on. Prepare the "
+                    "data with this tokenizer, or pass --tokenizer= the one it was prepared with")
     return tok
 
 

@@ -33,7 +33,7 @@ from data.shards import Shards
 class Config:
     # Defaults: the paper's dDPO recipe (REFERENCE.md): 3 epochs, beta 0.1, lr 5e-7 linear, batch 32.
     init_from: str = "out/zephyr-7b/sft/hf"      # the dSFT model, an HF-format directory
-    tokenizer: str = ""                          # default: init_from's tokenizer.model
+    tokenizer: str = ""                          # tokenizer.model or directory; default: init_from
     data_dir: str = "data/ultrafeedback/out"     # prepare.py output: train.* and test.*
     out_dir: str = "out/dpo"
     beta: float = 0.1
@@ -264,7 +264,7 @@ def main(argv):
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")
-    tokenizer = common.load_tokenizer(cfg.tokenizer or os.path.join(cfg.init_from, "tokenizer.model"), mcfg)
+    tokenizer = common.load_tokenizer(cfg.tokenizer or cfg.init_from, mcfg, [train, test])
     average = cfg.loss_type == "ipo"
     ref_model, ref_train, ref_test = None, None, None
     if cfg.reference == "live":

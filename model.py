@@ -432,10 +432,12 @@ class Mistral(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-                 pad_id=0, generator=None, max_len=None):
+                 pad_id=0, generator=None, max_len=None, on_token=None):
         """Batched sampling with a KV cache. prompts: list of token-id lists of any lengths (left-padded
         here). temperature 0 = greedy. Each row stops at its first EOS; returns the new tokens per row,
-        EOS included when generated."""
+        EOS included when generated. on_token (streaming, e.g. chat.py): called after each step with a list of
+        B new ids, None for rows already finished; per row they add up to the returned ids. Without it the
+        loop does no extra work."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token")
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
@@ -457,6 +459,8 @@ class Mistral(nn.Module):
             tok = sample(logits.float(), temperature, top_k, top_p, generator)     # (B,)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out = torch.cat([out, tok[:, None]], dim=1)
+            if on_token is not None:
+                on_token([None if finished else t for t, finished in zip(tok.tolist(), done.tolist())])
             done = done | (tok == eos_id)
             if bool(done.all()):
                 break

@@ -7,7 +7,6 @@ Data: the output of data/ultrachat/prepare.py (token ids + assistant-token loss 
 """
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ class Config:
     # Defaults: the paper's dSFT recipe for Mistral-7B (REFERENCE.md).
     init_from: str = "mistralai/Mistral-7B-v0.1"  # a local HF-format directory, or "scratch"
     model_preset: str = "tiny"                    # architecture when init_from == "scratch"
-    tokenizer: str = ""                           # tokenizer.model to export with; default: init_from's
+    tokenizer: str = ""                           # tokenizer.model or directory to export with; default: init_from
     data_dir: str = "data/ultrachat/out"          # prepare.py output: train.* and test.*
     out_dir: str = "out/sft"
     seq_len: int = 2048
@@ -176,7 +175,7 @@ def main(argv):
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")
-    tokenizer = common.load_tokenizer(cfg.tokenizer or os.path.join(cfg.init_from, "tokenizer.model"), mcfg)
+    tokenizer = common.load_tokenizer(cfg.tokenizer or cfg.init_from, mcfg, [train, test])
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device_type=d.device.type)
     step, last_ckpt = common.start_or_resume(cfg, model, optimizer, d)
     common.announce(cfg, d, [

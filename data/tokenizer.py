@@ -34,17 +34,26 @@ import sentencepiece as spm
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
+# The one default for `legacy` (see Tokenizer), wherever a tokenizer.model comes without a tokenizer_config.json
+# that sets it: Mistral-7B-v0.1's setting. save_pretrained always writes it, so no loader has to guess.
+LEGACY = True
+
 # -----------------------------------------------------------------------------
 # The Zephyr chat template
 
 ROLES = ("system", "user", "assistant")
 
-# Renders exactly as render_chat below (tests/test_tokenizer.py checks it through apply_chat_template).
+# The format has one definition: this template, which renders exactly as render_chat(..., bos=True) below, and
+# whose tokenization without special tokens is encode_chat's ids (tests/test_tokenizer.py checks all three
+# against each other, through transformers and through jinja2 alone). It starts with bos_token, so both ways
+# serving stacks tokenize a chat give training's ids: apply_chat_template(tokenize=True) and render-then-encode
+# with add_special_tokens=False (vLLM's chat server). Render-then-encode WITH special tokens adds a second BOS.
+# The space after bos_token is the dummy prefix that tokenizer(text) puts after the BOS it adds itself ('▁<'):
+# written out, it gives the recipe's ids (BOS + tokenizer(rendered text)) with legacy and without, where
+# transformers' Metaspace(prepend_scheme="first") adds no prefix after a BOS that comes as text.
 # Written with {%- -%} everywhere so the output does not depend on the renderer's trim_blocks/lstrip_blocks.
-# The template adds no BOS, like Zephyr's: the recipe tokenized the rendered string with special tokens,
-# which adds it (encode_chat does the same). apply_chat_template(tokenize=True) tokenizes without them,
-# so it gives encode_chat's ids minus the BOS; render, then tokenize, to get what training saw.
 CHAT_TEMPLATE = (
+    "{{- bos_token + ' ' -}}"
     "{%- if messages[0]['role'] != 'system' -%}"
     "{{- '<|system|>\\n</s>\\n' -}}"
     "{%- endif -%}"
@@ -94,10 +103,14 @@ def _turns(messages):
     return turns
 
 
-def render_chat(messages, add_generation_prompt=False):
-    """`<|role|>\\n{content}</s>\\n` per turn; `<|assistant|>\\n` after them to ask for a reply."""
+def render_chat(messages, add_generation_prompt=False, bos=False):
+    """
+    `<|role|>\\n{content}</s>\\n` per turn; `<|assistant|>\\n` after them to ask for a reply. With bos, `<s> `
+    first: exactly what CHAT_TEMPLATE renders; tokenize that without special tokens. Without it, tokenize with
+    special tokens (they add the BOS); never both. Either way the ids are encode_chat's.
+    """
     text = "".join(f"<|{role}|>\n{content}{EOS}\n" for role, content in _turns(messages))
-    return text + ("<|assistant|>\n" if add_generation_prompt else "")
+    return (BOS + " " if bos else "") + text + ("<|assistant|>\n" if add_generation_prompt else "")
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +235,7 @@ class Tokenizer:
     masks labels by `ids != pad_id` drop the real EOS and the model never learns to stop.
     """
 
-    def __init__(self, model_path, legacy=True):
+    def __init__(self, model_path, legacy=LEGACY):
         with open(model_path, "rb") as f:
             self.model_bytes = f.read()
         self.model_path, self.legacy = model_path, bool(legacy)
@@ -304,22 +317,24 @@ class Tokenizer:
 
     def encode_chat(self, messages, add_generation_prompt=False):
         """
-        (ids, loss_mask) for a conversation: BOS, then the rendered template tokenized as a whole (the
-        ids equal tokenizer(render_chat(messages))["input_ids"] in transformers). loss_mask is 1 exactly
+        (ids, loss_mask) for a conversation: CHAT_TEMPLATE's text (`<s> ` first) tokenized as a whole, as
+        transformers' apply_chat_template(tokenize=True) does, i.e. tokenizer(render_chat(messages, bos=True),
+        add_special_tokens=False) in transformers; equal to tokenizer(render_chat(messages)), the BOS added
+        by the tokenizer, which is how the recipe tokenized. loss_mask is 1 exactly
         on each assistant turn's content and its </s>, 0 on BOS, role headers, the '\\n' (and with legacy
         the '▁') after each </s>, and system/user turns. Both are lists of ints of the same length.
         """
         if not self.newline_is_barrier:
             raise ValueError(f"{self.model_path}: a piece contains '\\n', so a token could straddle a role "
                              "header and its content; encode_chat needs a vocabulary without such pieces")
-        parts = []  # (text, 1 if trained on) in rendered order
+        parts = []  # (text, 1 if trained on) in rendered order: render_chat(messages, bos=True) cut at turns
         for i, (role, content) in enumerate(_turns(messages)):
             trained = int(role == "assistant")
-            parts.append((("" if i == 0 else "\n") + f"<|{role}|>\n", 0))  # "\n" ends the previous turn
+            parts.append(((BOS + " " if i == 0 else "\n") + f"<|{role}|>\n", 0))  # "\n" ends the previous turn
             parts.append((content + EOS, trained))
         parts.append(("\n<|assistant|>\n" if add_generation_prompt else "\n", 0))
 
-        ids, mask = [self.bos_id], [0]
+        ids, mask = [], []
         for chunk, trained in self._encode_chunks(parts):
             ids.extend(chunk)
             mask.extend([trained] * len(chunk))
@@ -368,13 +383,15 @@ class Tokenizer:
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": UNK}
         config = {
             # LlamaTokenizer builds its BPE from tokenizer.model (merges ranked by piece id, Metaspace
-            # prefix) and reads `legacy` from here: that is the behaviour encode reproduces.
+            # prefix) and reads `legacy` from here: that is the behaviour encode reproduces. No
+            # "add_prefix_space": transformers 4.x takes its presence as an order to rebuild the tokenizer
+            # from tokenizer.model with sentencepiece's merge order ('▁▁▁' '▁return' for training's
+            # '▁▁▁▁' 'return') instead of reading tokenizer.json; 5.x defaults it to true anyway.
             "tokenizer_class": "LlamaTokenizer",
             **special,
             "add_bos_token": True,
             "add_eos_token": False,
             "legacy": self.legacy,
-            "add_prefix_space": True,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
             "padding_side": "left",  # for batched generation; our training code pads on its own
@@ -436,14 +453,36 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, directory):
-        """Load a directory save_pretrained wrote (or an HF model directory with tokenizer.model)."""
+        """Load a directory save_pretrained wrote (or an HF model directory with tokenizer.model): `legacy`
+        from its tokenizer_config.json, LEGACY where that does not set it."""
         config_path = os.path.join(directory, "tokenizer_config.json")
         config = {}
         if os.path.exists(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        # A missing "legacy" means False to transformers 5.x's LlamaTokenizer.
-        return cls(os.path.join(directory, "tokenizer.model"), legacy=config.get("legacy", False))
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        # Where the key is missing transformers disagrees with itself (4.x reads it as true, 5.x as false): we
+        # take the one default, and our exports always write the key.
+        legacy = config.get("legacy", LEGACY)
+        if not isinstance(legacy, bool):
+            raise ValueError(f"{config_path}: \"legacy\" must be true or false, got {legacy!r}")
+        return cls(os.path.join(directory, "tokenizer.model"), legacy=legacy)
+
+
+def load_tokenizer(path):
+    """
+    The one way every script loads a tokenizer: a tokenizer.model file (legacy = LEGACY), or a directory
+    holding one, a model directory or what save_pretrained wrote (legacy from its tokenizer_config.json).
+    """
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+            raise FileNotFoundError(f"{path}: directory without a tokenizer.model")
+        return Tokenizer.from_pretrained(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer file or directory")
+    return Tokenizer(path)
 
 
 def _json_bytes(obj):

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -24,9 +25,13 @@ import sentencepiece as spm  # noqa: E402
 
 import tokenizers  # noqa: E402
 
-from data.tokenizer import CHAT_TEMPLATE, Tokenizer, atomic_write, render_chat, train_tokenizer  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from data.tokenizer import (CHAT_TEMPLATE, LEGACY, Tokenizer, atomic_write, load_tokenizer, render_chat,  # noqa: E402
+                            train_tokenizer)
 
 MISTRAL_V1 = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+LEGACY_AND_NOT = {True: Tokenizer(MISTRAL_V1, legacy=True), False: Tokenizer(MISTRAL_V1, legacy=False)}
 
 CONVERSATIONS = {
     "no_system_multi_turn": [
@@ -100,12 +105,23 @@ def random_text(rng):
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("name", [*CONVERSATIONS, "special_strings"])
-def test_encode_chat_equals_transformers_on_rendered_string(mistral, name, add_generation_prompt):
+def test_encode_chat_equals_transformers_chat_template(mistral, name, add_generation_prompt):
+    # Both ways serving stacks tokenize a chat: apply_chat_template(tokenize=True) (transformers) and the
+    # template rendered, then encoded without special tokens (vLLM's chat server).
     ours, hf = mistral
     messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
     ids, mask = ours.encode_chat(messages, add_generation_prompt)
-    assert ids == hf(render_chat(messages, add_generation_prompt))["input_ids"]
-    assert len(mask) == len(ids)
+    templated = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                       return_dict=False)
+    assert list(templated) == ids == hf(render_chat(messages, add_generation_prompt, bos=True),
+                                        add_special_tokens=False)["input_ids"]
+    assert len(mask) == len(ids) and ids[0] == ours.bos_id and ours.bos_id not in ids[1:] or name == "special_strings"
+    # The recipe's way, the rendered text encoded with special tokens (BOS added by the tokenizer), gives the
+    # same ids: the template writes out the '▁' transformers puts after a BOS it adds itself.
+    assert hf(render_chat(messages, add_generation_prompt))["input_ids"] == ids
+    assert hf.convert_ids_to_tokens(ids[:2]) == ["<s>", "\u2581<"]
+    # and rendering with the BOS and encoding with special tokens doubles it: the call the README warns about
+    assert hf(render_chat(messages, add_generation_prompt, bos=True))["input_ids"][:2] == [1, 1]
 
 
 def test_fuzz_encode_and_decode_match_transformers(mistral):
@@ -151,13 +167,14 @@ def test_apply_chat_template_renders_like_render_chat(mistral, name, add_generat
     ours, hf = mistral
     messages = CONVERSATIONS.get(name, SPECIAL_STRINGS)
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    assert rendered == render_chat(messages, add_generation_prompt)
+    assert rendered == render_chat(messages, add_generation_prompt, bos=True)
 
 
 def test_render_chat_is_the_zephyr_format():
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert render_chat(messages) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n"
     assert render_chat(messages[:1], add_generation_prompt=True) == "<|system|>\n</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert render_chat(messages, bos=True) == "<s> " + render_chat(messages)
     assert "raise_exception" in CHAT_TEMPLATE  # bad roles fail in transformers too, as in check_messages
 
 
@@ -169,13 +186,39 @@ def test_chat_template_rejects_bad_roles_in_transformers_too(mistral):
             hf.apply_chat_template(messages, tokenize=False)
 
 
-def test_apply_chat_template_tokenized_lacks_only_bos(mistral):
-    # transformers 5 tokenizes a rendered template with add_special_tokens=False and Zephyr's template
-    # has no <s>; the recipe trained on tokenizer(rendered) with <s>. Pinned here so it stays visible.
-    ours, hf = mistral
-    messages = CONVERSATIONS["no_system_multi_turn"]
-    ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-    assert list(ids) == ours.encode_chat(messages, add_generation_prompt=True)[0][1:]
+def jinja_render(messages, add_generation_prompt):
+    """CHAT_TEMPLATE rendered by jinja2 alone, as transformers and vLLM set it up (sandboxed, with
+    raise_exception): the template checked without transformers' own rendering code."""
+    import jinja2.sandbox
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                 bos_token="<s>", eos_token="</s>")
+
+
+chat_text = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", " ", "  x", "\t\tdef f():\n    return  1", "</s>", "<s>", "a</s>b", "<|user|>\n", "\n\n", "é 東京 😀"])
+conversations = st.tuples(st.booleans(), st.lists(st.tuples(chat_text, chat_text), min_size=1, max_size=3),
+                          st.booleans(), chat_text).map(
+    lambda t: ([{"role": "system", "content": t[3]}] if t[0] else [])
+    + [{"role": r, "content": c} for u, a in t[1] for r, c in (("user", u), ("assistant", a))]
+    + ([{"role": "user", "content": t[3]}] if t[2] else []))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=conversations, add_generation_prompt=st.booleans())
+def test_template_render_chat_and_encode_chat_are_one_format(messages, add_generation_prompt):
+    # The three definitions of the format against each other: the template (jinja2 alone) renders as
+    # render_chat(bos=True), and encode_chat's ids are that text encoded whole, its mask a 0/1 list beside them.
+    for legacy in (True, False):
+        tok = LEGACY_AND_NOT[legacy]
+        text = render_chat(messages, add_generation_prompt, bos=True)
+        assert jinja_render(messages, add_generation_prompt) == text
+        ids, mask = tok.encode_chat(messages, add_generation_prompt)
+        assert ids == tok.encode(text) and len(mask) == len(ids) and set(mask) <= {0, 1}
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
@@ -276,6 +319,27 @@ def test_save_pretrained_writes_a_directory_transformers_loads(tmp_path):
     assert hf.chat_template == CHAT_TEMPLATE and hf.padding_side == "left"
     again = Tokenizer.from_pretrained(tmp_path)
     assert again.legacy is True and again.encode("a </s>\nb") == ours.encode("a </s>\nb")
+    # transformers 4.x takes "add_prefix_space" as an order to rebuild the tokenizer from tokenizer.model,
+    # sentencepiece's way (tests/test_transformers_versions.py); "legacy" must be there for every loader.
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "add_prefix_space" not in config and config["legacy"] is True
+
+
+def test_load_tokenizer_has_one_legacy_default(tmp_path):
+    # A bare tokenizer.model, and a directory whose tokenizer_config.json does not say, get LEGACY; a directory
+    # that says gets what it says. Every script loads through load_tokenizer (common.load_tokenizer wraps it).
+    assert LEGACY is True and load_tokenizer(MISTRAL_V1).legacy is LEGACY
+    Tokenizer(MISTRAL_V1, legacy=False).save_pretrained(tmp_path / "no")
+    assert load_tokenizer(str(tmp_path / "no")).legacy is False
+    (tmp_path / "no" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    assert load_tokenizer(str(tmp_path / "no")).legacy is LEGACY
+    (tmp_path / "no" / "tokenizer_config.json").write_text(json.dumps({"legacy": "yes"}))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: \"legacy\" must be true or false"):
+        load_tokenizer(str(tmp_path / "no"))
+    with pytest.raises(FileNotFoundError, match="no such tokenizer"):
+        load_tokenizer(str(tmp_path / "missing.model"))
+    with pytest.raises(FileNotFoundError, match="directory without a tokenizer.model"):
+        load_tokenizer(str(tmp_path))
 
 
 def generated_corpus(seed, n=300):
@@ -347,12 +411,12 @@ def test_model_directory_loaders_encode_conversations_like_ours(saved, add_gener
     ours, hf, raw = saved
     for messages in [*CONVERSATIONS.values(), SPECIAL_STRINGS]:
         ids = ours.encode_chat(messages, add_generation_prompt)[0]
-        rendered = render_chat(messages, add_generation_prompt)
+        rendered = render_chat(messages, add_generation_prompt, bos=True)
         assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt) == rendered
-        assert hf(rendered)["input_ids"] == ids == raw.encode(rendered).ids
+        assert hf(rendered, add_special_tokens=False)["input_ids"] == ids == raw.encode(rendered, add_special_tokens=False).ids
         templated = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                            return_dict=False)
-        assert list(templated) == ids[1:]
+        assert list(templated) == ids
         assert hf.decode(ids) == ours.decode(ids, skip_special_tokens=False) == raw.decode(ids, skip_special_tokens=False)
 
 
@@ -413,3 +477,55 @@ def test_saved_files_get_the_umask_mode_not_0600(tmp_path):
         assert (tmp_path / "private").read_bytes() == b"y" and sorted(os.listdir(tmp_path)) == ["a", "private", "t"]
     finally:
         os.umask(old)
+
+
+# -- data and exported tokenizer agree (common.load_tokenizer, used by sft.py and dpo.py) --------------------
+
+def prepared_split(tmp_path, tokenizer, name="data"):
+    """A train and a test split written by data/ultrachat/prepare.py with `tokenizer` (a file or a directory)."""
+    from conftest import write_jsonl
+    from data.ultrachat import prepare as ultrachat
+    rows = [{"prompt_id": str(i), "messages": [{"role": "user", "content": f"Count to {i}."},
+                                               {"role": "assistant", "content": " ".join(map(str, range(i + 2)))}]}
+            for i in range(12)]
+    src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    for split in ("train", "test"):
+        ultrachat.prepare([src], str(tokenizer), str(tmp_path / name), split)
+    return tmp_path / name
+
+
+def test_load_tokenizer_refuses_a_tokenizer_the_data_was_not_prepared_with(tmp_path, tiny_tokenizer):
+    import types
+
+    import common
+    from data.shards import Shards
+    data = prepared_split(tmp_path, tiny_tokenizer)
+    splits = [Shards(data, "train"), Shards(data, "test")]
+    assert splits[0].meta["tokenizer"]["legacy"] is LEGACY
+    mcfg = types.SimpleNamespace(vocab_size=512)
+    assert common.load_tokenizer(tiny_tokenizer, mcfg, splits).legacy is LEGACY
+    # The same vocabulary exported with the other `legacy`: named by its tokenizer_config.json.
+    Tokenizer(tiny_tokenizer, legacy=not LEGACY).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError) as e:
+        common.load_tokenizer(str(tmp_path / "other"), mcfg, splits)
+    msg = str(e.value)
+    assert str(data / "train.json") in msg and str(tmp_path / "other" / "tokenizer_config.json") in msg
+    assert f"legacy {LEGACY}" in msg and f"legacy {not LEGACY}" in msg
+    # Another vocabulary of the same size: named by its tokenizer.model and sha256.
+    other = train_tokenizer(generated_corpus(seed=3), str(tmp_path / "v2" / "tok"), vocab_size=512)
+    with pytest.raises(ValueError, match=r"sha256") as e:
+        common.load_tokenizer(other, mcfg, splits)
+    assert str(data / "train.json") in str(e.value) and other in str(e.value) and tiny_tokenizer in str(e.value)
+    # Splits that record no tokenizer (written by other tools) are not checked.
+    assert common.load_tokenizer(other, mcfg, [Shards(prepared_split(tmp_path, other, "d2"), "train")])
+
+
+def test_sft_stops_before_training_when_the_tokenizer_differs_from_the_data(tmp_path, tiny_tokenizer):
+    from conftest import run
+    data = prepared_split(tmp_path, tiny_tokenizer)
+    Tokenizer(tiny_tokenizer, legacy=not LEGACY).save_pretrained(tmp_path / "other")
+    args = ["--init_from=scratch", "--model_preset=tiny", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+            "--seq_len=64", "--global_batch_size=4", "--micro_batch_size=2", "--max_steps=1", "--eval_every=0"]
+    p = run([sys.executable, "sft.py", *args, f"--tokenizer={tmp_path / 'other'}"], check=False)
+    assert p.returncode != 0 and str(data / "train.json") in p.stderr and "tokenizer_config.json" in p.stderr
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")  # stopped before the first step

@@ -32,7 +32,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/ultrachat/prepare.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from data.shards import ShardWriter
-from data.tokenizer import ROLES, Tokenizer
+from data.tokenizer import ROLES, Tokenizer, load_tokenizer as load_any_tokenizer
 
 BLOCK = 1024           # rows in flight at once: bounds memory whatever the file size
 KEEP_BAD_MESSAGES = 100  # the first bad-row messages are kept in the split's json too
@@ -216,12 +216,11 @@ def _encode(item, tok=None):
 # Files -> one split
 
 def load_tokenizer(path):
-    """A tokenizer.model file, or a directory holding one (its tokenizer_config.json sets `legacy`)."""
-    if os.path.isdir(path):
-        return Tokenizer.from_pretrained(path)
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such tokenizer file or directory")
-    return Tokenizer(path)
+    """data.tokenizer.load_tokenizer (the one loader every script uses), with a missing path as a DataError."""
+    try:
+        return load_any_tokenizer(path)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
 
 
 def describe_file(path):
