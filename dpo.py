@@ -56,6 +56,7 @@ class Config:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False                      # with resume=false: delete out_dir's checkpoints and hf/
     stop_after: int = -1
     export_dtype: str = "bfloat16"
     device: str = "auto"
@@ -219,6 +220,7 @@ def main(argv):
         raise ValueError(f"config: reference={cfg.reference!r}; choose precomputed or live")
     dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # checks
     d = common.setup_dist(cfg.device)
+    common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
     n_pairs = len(train) // 2

@@ -36,7 +36,7 @@ tiny() {
 
   say "2/6 dSFT of a tiny Mistral from random init"
   run "${tr[@]}" sft.py config/sft_tiny.json --seed="$seed" --tokenizer="$out/data/tokenizer.model" \
-      --data_dir="$out/data/sft" --out_dir="$out/sft" "${sft_extra[@]}"
+      --data_dir="$out/data/sft" --out_dir="$out/sft" --overwrite=true "${sft_extra[@]}"
 
   say "3/6 AI feedback: the SFT model samples answers, the tasks' judge rates them, binarization"
   run "${tr[@]}" feedback.py config/feedback_tiny.json --seed="$seed" --prompts="$out/data/feedback_prompts.jsonl" \
@@ -48,7 +48,7 @@ tiny() {
 
   say "4/6 dDPO from the SFT model"
   run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/sft/hf" --data_dir="$out/data/pairs" \
-      --out_dir="$out/dpo" "${dpo_extra[@]}"
+      --out_dir="$out/dpo" --overwrite=true "${dpo_extra[@]}"
 
   say "5/6 greedy evaluation of both models on held-out prompts"
   for stage in sft dpo; do

@@ -50,6 +50,7 @@ class Config:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False                       # with resume=false: delete out_dir's checkpoints and hf/
     stop_after: int = -1                          # end this process after this step (time-limited jobs)
     export_dtype: str = "bfloat16"
     device: str = "auto"
@@ -186,6 +187,7 @@ def evaluate(model, shards, rows, cfg, d):
 def main(argv):
     cfg = common.parse_config(Config, argv)
     d = common.setup_dist(cfg.device)
+    common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
 
