@@ -1,6 +1,7 @@
 """Distilled DPO (dDPO): align the dSFT model on AI-feedback preference pairs against a frozen reference.
 
-    torchrun --nproc_per_node=8 dpo.py --init_from=out/zephyr-7b/sft/hf --data_dir=data/ultrafeedback/out
+    torchrun --nproc_per_node=8 dpo.py --init_from=out/zephyr-7b/sft/hf   # the paper's recipe: the defaults below
+    torchrun --nproc_per_node=8 dpo.py config/dpo_public.json               # the public zephyr-7b-beta recipe
     python dpo.py config/dpo_tiny.json
 
 Data: the output of data/ultrafeedback/prepare.py: pairs stored as consecutive examples (2i = prompt +

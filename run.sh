@@ -2,7 +2,9 @@
 # The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO.
 #
 #   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
-#   bash run.sh zephyr-7b   the paper's recipe on a GPU node (paths from the environment, see below)
+#   bash run.sh zephyr-7b   the public zephyr-7b recipe (config/sft_public.json, config/dpo_public.json) on a GPU
+#                           node, paths from the environment (below); the paper's recipe is the defaults of
+#                           sft.py's and dpo.py's Config (global batch 512 / 32, 3 DPO epochs at beta 0.1)
 #
 # Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root).
 set -euo pipefail
@@ -62,7 +64,7 @@ tiny() {
 }
 
 zephyr_7b() {
-  # The paper's recipe (REFERENCE.md) on one node of GPUs; several nodes: run sft.py / dpo.py under your
+  # The public recipe (config/*_public.json) on one node of GPUs; several nodes: run sft.py / dpo.py under your
   # launcher's torchrun with --nnodes (README).
   local nproc="${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}" out="${OUT:-out/zephyr-7b}"
   local missing=()
