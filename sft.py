@@ -76,7 +76,7 @@ def pack(lengths, seq_len, packing, seed):
     order = np.lexsort((np.random.default_rng(seed).random(n), -size))  # longest first, seeded ties
     rows = []
     # Open rows by free space: free[r] = indices of rows with exactly r tokens free; `sizes` = the r with any
-    # row, kept sorted, so the best fit for an example of n tokens is the first r >= n (a bisect).
+    # row, kept sorted, so the best fit for an example of k tokens is the first r >= k (a bisect).
     free, sizes = {}, []
     for i in order.tolist():
         k = int(size[i])
