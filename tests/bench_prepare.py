@@ -1,4 +1,4 @@
-"""Throughput of data/ultrachat/prepare.py and the fill of sft.py's packing on ultrachat-shaped data (not a pytest test).
+"""prepare.py throughput and sft.py's packing fill on ultrachat-shaped data (not a pytest test).
 
     python tests/bench_prepare.py --alpaca alpaca_eval-0.6.6/example/outputs.json [--rows 20000] [--workers 1 2]
 
@@ -86,13 +86,15 @@ def main():
             assert np.array_equal(lengths, shards.lengths), "output differs between worker counts"
             print(f"prepare.py --workers {w}: {n_rows} rows, {n_tokens} tokens ({n_tokens / n_rows:.0f}/row) in "
                   f"{wall:.1f} s: {n_rows / wall:,.0f} rows/s, {n_tokens / wall:,.0f} tokens/s; "
-                  f"{ULTRACHAT_200K_TRAIN_ROWS:,} rows at this rate: {ULTRACHAT_200K_TRAIN_ROWS / (n_rows / wall):,.0f} s; "
+                  f"{ULTRACHAT_200K_TRAIN_ROWS:,} rows at this rate: "
+                  f"{ULTRACHAT_200K_TRAIN_ROWS / (n_rows / wall):,.0f} s; "
                   f"load average after: {os.getloadavg()[0]:.2f}")
 
     before, before_rows = greedy_in_order_fill(lengths, a.seq_len, 42)
     plan = Plan(lengths, a.seq_len, True, 42, a.global_batch_size)
+    bound = -(-int(np.minimum(lengths, a.seq_len).sum()) // a.seq_len)  # ceil(tokens / seq_len)
     print(f"fill at seq_len {a.seq_len}: greedy in-order {before:.2%} ({before_rows} rows), best-fit decreasing "
-          f"{plan.fill:.2%} ({len(plan.rows)} rows, lower bound {-(-int(np.minimum(lengths, a.seq_len).sum()) // a.seq_len)}); "
+          f"{plan.fill:.2%} ({len(plan.rows)} rows, lower bound {bound}); "
           f"{plan.steps_per_epoch} steps/epoch of {a.global_batch_size} rows, {plan.leftover} left over")
 
 
