@@ -377,12 +377,19 @@ def checkpoint_is_complete(path):
         return False
 
 
+def checkpoint_step(name):
+    # "step_0000200" -> 200; None for anything else (a step_N.tmp being written, stray files).
+    prefix, _, number = name.partition("_")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
 def list_checkpoints(ckpt_dir):
-    # Complete checkpoints, oldest first.
+    # Complete checkpoints, oldest first by step number (not by name: "step_10000000" sorts before
+    # "step_9999999", and a hand-renamed "step_30" before "step_0000200").
     if not os.path.isdir(ckpt_dir):
         return []
-    dirs = sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)
-                  if n.startswith("step_") and not n.endswith(".tmp"))
+    steps = {n: checkpoint_step(n) for n in os.listdir(ckpt_dir)}
+    dirs = [os.path.join(ckpt_dir, n) for n in sorted((n for n in steps if steps[n] is not None), key=steps.get)]
     return [p for p in dirs if checkpoint_is_complete(p)]
 
 
@@ -501,6 +508,33 @@ def start_or_resume(cfg, model, optimizer, d):
     if cfg.resume and d.main:
         print(f"--resume: no complete checkpoint in {cfg.out_dir}/ckpt, starting from step 0")
     return 0, None
+
+
+def check_out_dir(cfg, d):
+    """Before any work. --resume=false into an out_dir that holds checkpoints or an hf/ export is refused: the
+    new run's checkpoints would be pruned, and later resumed, together with the old run's. --overwrite=true
+    deletes the old ones first."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("config: resume=true and overwrite=true: choose one (continue the run in out_dir, or "
+                         "delete it and start over)")
+    if cfg.resume:
+        return
+    ckpt_dir, hf_dir = os.path.join(cfg.out_dir, "ckpt"), os.path.join(cfg.out_dir, "hf")
+    old = sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
+    old += [hf_dir] if os.path.exists(hf_dir) else []
+    if not old:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+        raise FileExistsError(f"out_dir={cfg.out_dir} holds an earlier run ({shown}); continue it with "
+                              "--resume=true, delete them and start over with --overwrite=true, or choose "
+                              "another --out_dir")
+    dist.barrier()  # every rank has looked before rank 0 deletes
+    if d.main:
+        for path in (ckpt_dir, hf_dir):
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"--overwrite=true: deleted {', '.join(old)}")
+    dist.barrier()
 
 
 def announce(cfg, d, lines):

@@ -1,6 +1,7 @@
 """Distilled DPO (dDPO): align the dSFT model on AI-feedback preference pairs against a frozen reference.
 
-    torchrun --nproc_per_node=8 dpo.py --init_from=out/zephyr-7b/sft/hf --data_dir=data/ultrafeedback/out
+    torchrun --nproc_per_node=8 dpo.py --init_from=out/zephyr-7b/sft/hf   # the paper's recipe: the defaults below
+    torchrun --nproc_per_node=8 dpo.py config/dpo_public.json               # the public zephyr-7b-beta recipe
     python dpo.py config/dpo_tiny.json
 
 Data: the output of data/ultrafeedback/prepare.py: pairs stored as consecutive examples (2i = prompt +
@@ -59,6 +60,7 @@ class Config:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False                      # with resume=false: delete out_dir's checkpoints and hf/
     stop_after: int = -1
     export_dtype: str = "bfloat16"
     device: str = "auto"
@@ -74,6 +76,17 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              loss_type="sigmoid", label_smoothing=0.0):
     """Per-pair losses and implicit rewards. Inputs (B,) summed log-probs of the answers (for ipo, pass
     length-averaged ones, as IPO prescribes). Returns (losses, chosen_rewards, rejected_rewards), each (B,)."""
+    if loss_type not in ("sigmoid", "ipo", "hinge"):
+        raise ValueError(f"loss_type={loss_type!r}; choose sigmoid, ipo or hinge")
+    if not beta > 0:
+        raise ValueError(f"beta={beta}: expected > 0")
+    if not 0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing}: expected a flip probability in [0, 0.5]")
+    if label_smoothing and loss_type != "sigmoid":
+        # Silently training a different objective than asked is worse than stopping.
+        raise ValueError(f"label_smoothing={label_smoothing} with loss_type={loss_type!r}: {loss_type} ignores "
+                         "label_smoothing (only sigmoid uses it: conservative DPO); set label_smoothing=0 or "
+                         "loss_type=sigmoid")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     margin = chosen_ratio - rejected_ratio
@@ -82,10 +95,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         losses = -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * margin)
     else:
-        raise ValueError(f"loss_type={loss_type!r}; choose sigmoid, ipo or hinge")
+        losses = torch.relu(1 - beta * margin)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
@@ -239,8 +250,14 @@ def main(argv):
         raise ValueError(f"config: reference={cfg.reference!r}; choose precomputed, live or base")
     if cfg.reference == "base" and not adapters:
         raise ValueError("config: reference=base is the model with its LoRA adapters off; it needs lora_rank > 0")
-    dpo_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), cfg.beta, cfg.loss_type)  # checks
+    if cfg.rpo_alpha < 0:
+        raise ValueError(f"config: rpo_alpha={cfg.rpo_alpha}: expected >= 0")
+    try:  # loss_type, beta, label_smoothing: checked before any work
+        dpo_loss(*torch.zeros(4, 1), cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
     d = common.setup_dist(cfg.device)
+    common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
     n_pairs = len(train) // 2

@@ -52,7 +52,6 @@ the number of ranks does not change them either.
 
 import ast
 import hashlib
-import json
 import math
 import os
 import re

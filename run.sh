@@ -2,7 +2,9 @@
 # The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO -> evaluation (MT-Bench, AlpacaEval).
 #
 #   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
-#   bash run.sh zephyr-7b   the paper's recipe on a GPU node (paths from the environment, see below)
+#   bash run.sh zephyr-7b   the public zephyr-7b recipe (config/sft_public.json, config/dpo_public.json) on a GPU
+#                           node, paths from the environment (below); the paper's recipe is the defaults of
+#                           sft.py's and dpo.py's Config (global batch 512 / 32, 3 DPO epochs at beta 0.1)
 #
 # Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root),
 # LORA (tiny: adapter rank for dSFT and dDPO; 0 = full fine-tuning, the default);
@@ -44,7 +46,7 @@ tiny() {
 
   say "2/6 dSFT of a tiny Mistral from random init"
   run "${tr[@]}" sft.py config/sft_tiny.json --seed="$seed" --tokenizer="$out/data/tokenizer.model" \
-      --data_dir="$out/data/sft" --out_dir="$out/sft" "${sft_extra[@]}"
+      --data_dir="$out/data/sft" --out_dir="$out/sft" --overwrite=true "${sft_extra[@]}"
 
   say "3/6 AI feedback: the SFT model samples answers, the tasks' judge rates them, binarization"
   run "${tr[@]}" feedback.py config/feedback_tiny.json --seed="$seed" --prompts="$out/data/feedback_prompts.jsonl" \
@@ -56,7 +58,7 @@ tiny() {
 
   say "4/6 dDPO from the SFT model"
   run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/sft/hf" --data_dir="$out/data/pairs" \
-      --out_dir="$out/dpo" "${dpo_extra[@]}"
+      --out_dir="$out/dpo" --overwrite=true "${dpo_extra[@]}"
 
   say "5/6 evaluation with eval.py: both models answer the held-out prompts greedily, the tasks' judge grades them"
   # The held-out prompts as one-turn MT-Bench questions, graded through eval.py's single-v1 prompt by the tasks'
@@ -77,7 +79,7 @@ tiny() {
 }
 
 zephyr_7b() {
-  # The paper's recipe (REFERENCE.md) on one node of GPUs; several nodes: run sft.py / dpo.py under your
+  # The public recipe (config/*_public.json) on one node of GPUs; several nodes: run sft.py / dpo.py under your
   # launcher's torchrun with --nnodes (README).
   local nproc="${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}" out="${OUT:-out/zephyr-7b}"
   local missing=()

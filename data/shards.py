@@ -13,9 +13,10 @@ The .json is written last and is the commit marker: the reader refuses a split w
 other three files against it, so a crash or a copy cut short never passes for a complete split. Little-endian
 throughout (numpy's '<u2' etc.), so shards move between machines.
 
-Preference pairs fit as they are: prompt+chosen and prompt+rejected as two splits with the same number of
-examples (e.g. "train.chosen" and "train.rejected"), example i of each being pair i; the mask marks the
-response. Nothing here knows about chat or tokenizers.
+Preference pairs (data/ultrafeedback/prepare.py, read by dpo.py) are one split with the pairs interleaved:
+example 2i is prompt + chosen answer of pair i, example 2i+1 prompt + rejected answer, the mask marking the
+answer; the split's json says so ("kind": "preference_pairs", "n_pairs"). Nothing here knows about chat or
+tokenizers.
 
 Runtime imports: numpy and the standard library only.
 """

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -35,6 +36,28 @@ def test_losses_match_their_formulas(loss_type, smoothing):
         assert losses[i].item() == pytest.approx(expect, rel=1e-12)
         assert chosen[i].item() == pytest.approx(beta * (pc[i] - rc[i]))
         assert rejected[i].item() == pytest.approx(beta * (pr[i] - rr[i]))
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_with_a_loss_type_that_ignores_it_is_an_error(loss_type, tmp_path):
+    with pytest.raises(ValueError, match=f"label_smoothing=0.1 with loss_type='{loss_type}': {loss_type} ignores"):
+        dpo_loss(*torch.zeros(4, 2), beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+    dpo_loss(*torch.zeros(4, 2), beta=0.1, loss_type=loss_type, label_smoothing=0.0)  # without it: fine
+    out = tmp_path / "out"
+    p = run([sys.executable, "dpo.py", f"--loss_type={loss_type}", "--label_smoothing=0.1", f"--out_dir={out}"],
+            check=False)
+    assert p.returncode != 0 and f"config: label_smoothing=0.1 with loss_type='{loss_type}'" in p.stderr
+    assert not out.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("options,error", [(dict(label_smoothing=0.6), "label_smoothing=0.6: expected"),
+                                           (dict(label_smoothing=-0.1), "label_smoothing=-0.1: expected"),
+                                           (dict(beta=0.0), "beta=0.0: expected > 0"),
+                                           (dict(loss_type="robust"), "loss_type='robust'; choose")])
+def test_other_loss_options_out_of_range_are_errors(options, error):
+    kw = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0) | options
+    with pytest.raises(ValueError, match=re.escape(error)):
+        dpo_loss(*torch.zeros(4, 2), **kw)
 
 
 def write_pairs(directory, n_train=48, n_test=15, vocab=512, seed=0):
@@ -106,8 +129,9 @@ def test_first_step_sigmoid_loss_is_log_2(baseline):
     m = metrics(baseline)
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: margin 0
     assert m[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected",
-            "eval_loss", "eval_rewards/accuracies"} <= set(m[-1])
+    trl = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected"]  # TRL's DPOTrainer names (it adds logits/*, which a fused head never makes)
+    assert set(trl) | {f"eval_{k}" for k in trl} <= set(m[-1])
     assert m[-1]["rewards/margins"] > 0
 
 

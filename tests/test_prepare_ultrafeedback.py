@@ -115,45 +115,42 @@ def lengths(out, name):
     return int((mask == 0).sum()), int(mask.sum())
 
 
-def test_a_pair_that_fits_exactly_is_not_truncated(tok, long_pair):
-    row, full, P, C, R = long_pair
-    out = prep.encode_pair(row, tok, max_prompt_length=10, max_length=P + C)
-    assert out["truncated"] == {"prompt": False, "chosen": False, "rejected": False}
-    for name in ("chosen", "rejected"):
-        assert out[name][0].tolist() == full[name][0].tolist() and out[name][1].tolist() == full[name][1].tolist()
+# (max_prompt_length, max_length) -> lengths kept (prompt, chosen, rejected), from P, C, R: the untruncated
+# prompt (BOS included), chosen and rejected answer (</s> included), C > R + 4. Worked out by hand from the rule
+# in prepare.py's docstring (the handbook-era TRL DPOTrainer's, BOS kept).
+TRUNCATION_CASES = {
+    "fits exactly": (lambda P, C, R: (P, P + C), lambda P, C, R: (P, C, R)),
+    "fits; a prompt over max_prompt_length alone is no reason": (lambda P, C, R: (P - 1, P + C),
+                                                                 lambda P, C, R: (P, C, R)),
+    "one too long: the prompt is cut, then both answers fit": (lambda P, C, R: (P - 1, P + C - 1),
+                                                               lambda P, C, R: (P - 1, C, R)),
+    "a prompt of exactly max_prompt_length is kept; the longer answer is cut": (
+        lambda P, C, R: (P, P + C - 1), lambda P, C, R: (P, C - 1, R)),
+    "a short prompt: answers cut to max_length - max_prompt_length, not to what would fit": (
+        lambda P, C, R: (P + 10, P + 13), lambda P, C, R: (P, 3, 3)),
+    "prompt cut to 20 and then the pair fits": (lambda P, C, R: (20, 20 + C), lambda P, C, R: (20, C, R)),
+    "prompt cut to 20, the longer answer still too long": (lambda P, C, R: (20, 20 + C - 1),
+                                                           lambda P, C, R: (20, C - 1, R)),
+    "prompt cut to 20, both answers too long": (lambda P, C, R: (20, 20 + R - 1), lambda P, C, R: (20, R - 1, R - 1)),
+}
 
 
-def test_the_prompt_is_cut_from_the_left_keeping_bos(tok, long_pair):
+@pytest.mark.parametrize("case", TRUNCATION_CASES)
+def test_truncation_follows_the_handbook_era_trl_rule_keeping_bos(tok, long_pair, case):
     row, full, P, C, R = long_pair
-    # One token too long for the longer answer: the prompt goes down to 30, and both answers then fit whole.
-    out = prep.encode_pair(row, tok, max_prompt_length=30, max_length=P + C - 1)
-    assert out["truncated"] == {"prompt": True, "chosen": False, "rejected": False}
-    assert lengths(out, "chosen") == (30, C) and lengths(out, "rejected") == (30, R)
+    limits, expected = TRUNCATION_CASES[case]
+    max_prompt_length, max_length = limits(P, C, R)
+    kept_p, kept_c, kept_r = expected(P, C, R)
+    out = prep.encode_pair(row, tok, max_prompt_length=max_prompt_length, max_length=max_length)
+    assert (lengths(out, "chosen"), lengths(out, "rejected")) == ((kept_p, kept_c), (kept_p, kept_r))
+    assert out["truncated"] == {"prompt": kept_p < P, "chosen": kept_c < C, "rejected": kept_r < R}
     prompt = full["chosen"][0][:P].tolist()
-    for name in ("chosen", "rejected"):
+    for name, kept in (("chosen", kept_c), ("rejected", kept_r)):
         ids = out[name][0].tolist()
-        assert ids[:30] == [tok.bos_id] + prompt[-29:]
-        assert ids[30:] == full[name][0][P:].tolist()
-
-
-def test_then_the_answers_are_cut_from_the_right(tok, long_pair):
-    row, full, P, C, R = long_pair
-    # The prompt goes down to 20, which leaves room for R + 1 answer tokens: the chosen answer keeps its
-    # first R + 1 (and loses its </s>), the rejected one fits whole.
-    max_length = 20 + R + 1
-    out = prep.encode_pair(row, tok, max_prompt_length=20, max_length=max_length)
-    assert out["truncated"] == {"prompt": True, "chosen": True, "rejected": False}
-    assert lengths(out, "chosen") == (20, max_length - 20) and lengths(out, "rejected") == (20, R)
-    assert out["chosen"][0][20:].tolist() == full["chosen"][0][P:P + max_length - 20].tolist()
-    assert out["chosen"][0][-1] != tok.eos_id and out["rejected"][0][-1] == tok.eos_id
-
-
-def test_a_short_prompt_is_kept_and_only_the_answer_is_cut(tok, long_pair):
-    row, full, P, C, R = long_pair
-    out = prep.encode_pair(row, tok, max_prompt_length=P, max_length=P + 3)
-    assert out["truncated"] == {"prompt": False, "chosen": True, "rejected": True}
-    assert lengths(out, "chosen") == (P, 3) == lengths(out, "rejected")
-    assert out["chosen"][0][:P].tolist() == full["chosen"][0][:P].tolist()
+        assert len(ids) <= max_length
+        assert ids[:kept_p] == [tok.bos_id] + prompt[P - kept_p + 1:]  # BOS, then the prompt's last tokens
+        assert ids[kept_p:] == full[name][0][P:P + kept].tolist()     # the answer's first tokens
+        assert (ids[-1] == tok.eos_id) == (kept == len(full[name][0]) - P)  # a cut answer has no </s>
 
 
 def test_truncation_counts_reach_the_meta(tmp_path, tokenizer_path, tok, long_pair):

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import common
 import feedback
 import model as model_module
-from conftest import ROOT, run
+from conftest import ROOT, read_jsonl, run
 from data.shards import Shards
 from data.tokenizer import Tokenizer
 from data.ultrachat import prepare as uc
@@ -211,6 +211,62 @@ def test_torn_checkpoints_are_ignored_and_the_last_complete_one_is_resumed(d, tm
     assert "ignoring incomplete checkpoints" in said and all(f"step_000000{s}" in said for s in range(3, 8))
     after = full_weights(model)
     assert all(torch.equal(after[n], at_2[n]) for n in at_2)
+
+
+def test_checkpoints_are_pruned_and_resumed_by_step_number_not_by_name(d, tmp_path):
+    model, opt, cfg = tiny_run(d)
+    ckpt = str(tmp_path / "ckpt")
+    # By name, "step_10000000" sorts before "step_9999998": pruning by name would delete the newest.
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        common.save_train_checkpoint(ckpt, step, model, opt, d, {"step": step}, cfg, keep_last=2)
+    assert sorted(os.listdir(ckpt)) == ["step_10000000", "step_9999999"]
+    assert names(common.list_checkpoints(ckpt)) == ["step_9999999", "step_10000000"]
+    os.rename(os.path.join(ckpt, "step_9999999"), os.path.join(ckpt, "step_30"))  # a hand-renamed one
+    assert names(common.list_checkpoints(ckpt)) == ["step_30", "step_10000000"]
+    step, last = common.start_or_resume(types.SimpleNamespace(out_dir=str(tmp_path), resume=True), model, opt, d)
+    assert (step, last) == (10_000_000, os.path.join(ckpt, "step_10000000"))
+    assert [common.checkpoint_step(n) for n in ("step_0000200", "step_12.tmp", "stepx_3", "step_", "hf")] == \
+        [200, None, None, None, None]
+
+
+def test_a_fresh_run_into_an_out_dir_holding_a_run_is_refused_unless_overwrite(d, tmp_path):
+    def cfg(**kw):
+        return types.SimpleNamespace(**{"out_dir": str(tmp_path), "resume": False, "overwrite": False, **kw})
+
+    common.check_out_dir(cfg(), d)  # nothing there: fine
+    (tmp_path / "ckpt").mkdir()
+    common.check_out_dir(cfg(), d)  # an empty ckpt/ holds nothing
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(.*hf\).*--resume=true.*--overwrite=true"):
+        common.check_out_dir(cfg(), d)
+    (tmp_path / "hf").rmdir()
+    (tmp_path / "ckpt" / "step_0000004.tmp").mkdir()  # even a torn one belongs to another run
+    with pytest.raises(FileExistsError, match="step_0000004.tmp"):
+        common.check_out_dir(cfg(), d)
+    common.check_out_dir(cfg(resume=True), d)  # continuing is what they are for
+    with pytest.raises(ValueError, match="resume=true and overwrite=true"):
+        common.check_out_dir(cfg(resume=True, overwrite=True), d)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    common.check_out_dir(cfg(overwrite=True), d)
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]  # the log is reset by the run itself
+
+
+def test_sft_refuses_to_start_over_in_a_finished_run_and_overwrite_leaves_only_the_new_run(tiny_tokenizer,
+                                                                                          tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_random_shards(data)
+    run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, ckpt_every=2, eval_every=0)])
+    assert names(common.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]
+    p = run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, max_steps=3)], check=False)
+    assert p.returncode != 0 and "--overwrite=true" in p.stderr and "step_0000005" in p.stderr
+    assert names(common.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]  # untouched
+    # Without the deletion, keep_checkpoints=2 would keep the old step 4 and 5 beside the new step 3, and a
+    # --resume=true would continue the old run.
+    run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, max_steps=3, eval_every=0),
+         "--overwrite=true"])
+    assert os.listdir(out / "ckpt") == ["step_0000003"]
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("where", ["data", "meta"])

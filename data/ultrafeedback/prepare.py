@@ -17,9 +17,22 @@ Pair i becomes two examples of the split:
 Both are the ids training sees for the whole conversation (Tokenizer.encode_chat), cut right after the
 answer's </s>: the template's '\\n' after it is not part of the example (TRL appends EOS to the answer and
 nothing else). The loss mask is 1 on the answer (content and </s>) only; earlier assistant turns of a
-multi-turn prompt are prompt, mask 0. Too-long pairs are truncated as TRL's DPOTrainer does: the prompt
-from the left to max_prompt_length (BOS kept), then each answer from the right to fit max_length.
-`{split}.prompt_ids.json` lists each pair's prompt_id, in order.
+multi-turn prompt are prompt, mask 0. `{split}.prompt_ids.json` lists each pair's prompt_id, in order.
+
+Too-long pairs are truncated by the rule of TRL's DPOTrainer as the alignment handbook ran it for Zephyr
+(TRL 0.7, truncation_mode="keep_end", max_length 1024, max_prompt_length 512), on token counts where the
+prompt includes BOS and each answer its </s>:
+
+    1. longer = the longer of the two answers. If prompt + longer > max_length and the prompt is longer
+       than max_prompt_length, the prompt keeps its last tokens: BOS + the last max_prompt_length - 1.
+    2. If prompt + longer is still > max_length, BOTH answers are cut from the right to max_length -
+       max_prompt_length tokens (also when the prompt was shorter than max_prompt_length and more would fit,
+       and also the shorter answer, if it is that long). A cut answer loses its </s>.
+
+The one deliberate difference is BOS: here every example starts with it, as in SFT and at inference. TRL 0.7
+tokenized with add_special_tokens=False and gave the sequences no BOS at all; later versions prepend one and
+then keep the last max_prompt_length tokens, so a cut prompt loses it. We keep it and count it: the lengths
+are TRL's.
 
 A row that cannot be used is reported on stderr with its file, row number and reason, skipped, and
 counted by reason in the summary and in the split's json; --strict makes the first one fatal. Row numbers
@@ -130,16 +143,18 @@ def encode_pair(row, tok, max_prompt_length=512, max_length=1024):
             raise BadRow("prompt_tokens_differ", f"'{name}' tokenizes its prompt differently from the prompt alone")
         answers[name] = ids[len(prompt):]
 
-    # TRL's DPOTrainer (truncation_mode="keep_end"): decided on the longer answer, so both keep one prompt.
+    # The handbook-era TRL rule (DPOTrainer, truncation_mode="keep_end"; see the module docstring), decided on
+    # the longer answer so that both examples keep the same prompt.
     longer = max(len(a) for a in answers.values())
     truncated = {"prompt": False}
     if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
         prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]  # BOS, then the prompt's end
         truncated["prompt"] = True
+    keep = max_length - max_prompt_length if len(prompt) + longer > max_length else longer
     out = {"prompt_id": row["prompt_id"], "scores": (row["score_chosen"], row["score_rejected"])}
     for name, answer in answers.items():
-        truncated[name] = len(prompt) + len(answer) > max_length
-        answer = answer[:max_length - len(prompt)]  # a cut answer loses its </s>, as in TRL
+        truncated[name] = len(answer) > keep
+        answer = answer[:keep]  # a cut answer loses its </s>, as in TRL
         out[name] = (np.asarray(prompt + answer, np.int32),
                      np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(answer), np.uint8)]))
     out["truncated"] = truncated
