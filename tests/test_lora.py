@@ -83,7 +83,7 @@ def peft_saved_adapter(root, path):
 def test_our_code_loads_a_peft_adapter_and_continues_training_from_it(root, tiny_tokenizer, tmp_path):
     import lora
     from data.shards import Shards
-    from sft import make_batch, step_rows
+    from sft import Plan, make_batch
     adapter = tmp_path / "peft_adapter"
     theirs = peft_saved_adapter(root, adapter)
 
@@ -101,8 +101,8 @@ def test_our_code_loads_a_peft_adapter_and_continues_training_from_it(root, tiny
     run([sys.executable, "sft.py", *lora_sft_args(root, out, tiny_tokenizer, lora_from=adapter, packing="false",
                                                  max_steps=2, eval_every=0)])
     shards = Shards(root / "sft_data", "train")
-    cfg = types.SimpleNamespace(seq_len=64, packing=False)
-    rows = step_rows({}, 0, 1, 8, 42, shards, cfg)
+    plan = Plan(shards.lengths, seq_len=64, packing=False, seed=42, global_batch_size=8)  # as sft.py plans it
+    rows = [plan.rows[r] for r in plan.step_rows(0)]
     batch = make_batch(shards, rows, 64, packing=False)
     with torch.no_grad():
         logits = theirs(batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits
