@@ -272,9 +272,10 @@ def main(argv):
         raise ValueError(f"{cfg.data_dir}: {n_pairs} pairs do not fill one global batch of {cfg.global_batch_size}")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
 
-    # DPO rows are padded to the longest example of the micro-batch: plan for the longest one the run can see.
+    # DPO rows are padded to the longest example of the micro-batch: plan for the longest one the run can see
+    # (prepare.py has already truncated the pairs to its max_length).
     longest = int(max(train.lengths.max(), test.lengths.max()))
-    memplan.at_start(common.model_config(cfg.init_from), cfg, d, "dpo", min(longest, getattr(cfg, "max_length", 0) or longest))
+    memplan.at_start(common.model_config(cfg.init_from), cfg, d, "dpo", longest)
     model, mcfg = common.build_model(cfg.init_from, d, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
                                      adapters=adapters)
