@@ -45,7 +45,7 @@ targets, and averages the predicted win probability at delta_len = 0. The diffic
 and model terms alone. alpaca_eval fits with sklearn's cross-validated L2 penalty and pulls the weights toward
 the baseline's; we fit the plain maximum-likelihood GLM, so LC can differ from theirs in the decimals.
 
-Both benches run through common.run_in_parts: per-rank part files, fsynced per question, so a killed run resumes
+Both benches run through generation.run_in_parts: per-rank part files, fsynced per question, so a killed run resumes
 where it stopped and its outputs equal an uninterrupted run's (tstamp fields aside: they are wall-clock times);
 the number of ranks does not change them either.
 """
@@ -64,7 +64,9 @@ import numpy as np
 import torch
 
 import common
-from common import Endpoint, LocalModel, load_client, parse_spec, seed_of
+import files
+import generation
+from generation import Endpoint, LocalModel, load_client, parse_spec, seed_of
 from data.tokenizer import render_chat, write_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +133,7 @@ def parse_question(row, _):
     if not (isinstance(turns, list) and 1 <= len(turns) <= 2 and all(isinstance(t, str) and t.strip() for t in turns)):
         raise ValueError("'turns': expected a list of one or two non-empty strings")
     for t in turns:
-        common.check_utf8(t, "turns")
+        files.check_utf8(t, "turns")
     ref = row.get("reference")
     if ref is not None and not (isinstance(ref, list) and all(isinstance(t, str) for t in ref)):
         raise ValueError("'reference': expected a list of strings")
@@ -139,7 +141,7 @@ def parse_question(row, _):
 
 
 def read_questions(cfg):
-    questions, malformed = common.parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
+    questions, malformed = files.parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
     seen = set()
     for q in questions:
         if q["question_id"] in seen:
@@ -152,7 +154,7 @@ def read_answer_turns(path, field):
     """FastChat's answer file -> {question_id: (model_id, turns of choice 0)}; the last row of a question wins, as
     FastChat's load_model_answers has it."""
     out = {}
-    for where, row, error in common.read_rows(path):
+    for where, row, error in files.read_rows(path):
         try:
             if error:
                 raise ValueError(error)
@@ -169,7 +171,7 @@ def read_answer_turns(path, field):
 def read_judge_prompts(path, questions):
     """{name: FastChat judge-prompt row} for the prompts these questions need, their placeholders checked."""
     rows = {}
-    for where, row, error in common.read_rows(path):
+    for where, row, error in files.read_rows(path):
         if error or not isinstance(row, dict) or not isinstance(row.get("name"), str):
             raise ValueError(f"config judge_prompts: {where}: not a judge-prompt row ({error or 'no name'})")
         rows[row["name"]] = row
@@ -267,13 +269,13 @@ def parse_score(judgment):
 def parse_instruction(row, name):
     if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
         raise ValueError("expected an object with a non-empty 'instruction' string")
-    common.check_utf8(row["instruction"], "instruction")
+    files.check_utf8(row["instruction"], "instruction")
     dataset = row.get("dataset") if isinstance(row.get("dataset"), str) else name
     return dict(instruction=row["instruction"], dataset=dataset)
 
 
 def read_instructions(cfg):
-    items, malformed = common.parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict,
+    items, malformed = files.parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict,
                                          cfg.max_items)
     return [dict(index=i, **x) for i, x in enumerate(items)], malformed
 
@@ -283,7 +285,7 @@ def read_outputs(path, field):
     if not os.path.exists(path):
         raise FileNotFoundError(f"config {field}: {path} not found")
     out = {}
-    for where, row, error in common.read_rows(path):
+    for where, row, error in files.read_rows(path):
         if error or not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
                 or not isinstance(row.get("output"), str):
             raise ValueError(f"config {field}: {where}: expected an object with 'instruction' and 'output' strings"
@@ -303,7 +305,7 @@ def read_difficulty(path, instructions):
         where = [f"{path} row {i + 2}" for i in range(len(rows))]
     else:
         rows, where = [], []
-        for w, row, error in common.read_rows(path):
+        for w, row, error in files.read_rows(path):
             if error:
                 raise ValueError(f"config instruction_difficulty: {w}: {error}")
             rows.append(row)
@@ -380,7 +382,7 @@ def local_mm_logprobs(judge, chats):
     fit = [i for i, s in enumerate(seqs) if len(s) <= judge.max_len]
     for k in range(0, len(fit), 8):
         chunk = fit[k:k + 8]
-        lp = common.last_logits(judge.model, [seqs[i] for i in chunk], judge.tok.pad_id).float().log_softmax(-1)
+        lp = generation.last_logits(judge.model, [seqs[i] for i in chunk], judge.tok.pad_id).float().log_softmax(-1)
         for i, row in zip(chunk, lp[:, ids].tolist()):
             out[i] = {"m": row[0], "M": row[1]}
     return out
@@ -396,7 +398,7 @@ def ask(judge, chats, cfg, gen, max_tokens, top_logprobs=0):
         return judge.generate(chats, max_tokens, cfg.judge_temperature, 1.0, top_logprobs=top_logprobs)
     if isinstance(judge, LocalModel):
         if top_logprobs:  # the verdict is the next token: no text to generate
-            return [common.failure("prompt too long for the judge") if lp is None else
+            return [generation.failure("prompt too long for the judge") if lp is None else
                     dict(text=max(lp, key=lp.get), error=None, top_logprobs=lp, tokens=0)
                     for lp in local_mm_logprobs(judge, chats)]
         return judge.generate(chats, max_tokens, cfg.judge_temperature, 1.0, gen)
@@ -407,9 +409,9 @@ def ask(judge, chats, cfg, gen, max_tokens, top_logprobs=0):
             if isinstance(reply, dict):  # {"text", "top_logprobs"}: a rule-based judge's verdict with odds (a draw)
                 reply = dict(text=reply.get("text") or "", error=None, top_logprobs=reply.get("top_logprobs"))
             out.append(dict(text=reply, error=None) if isinstance(reply, str) else reply if isinstance(reply, dict)
-                       else common.failure(f"the judge function returned {type(reply).__name__}, not a string"))
+                       else generation.failure(f"the judge function returned {type(reply).__name__}, not a string"))
         except Exception as e:  # a judge bug must not cost the finished answers; it is counted in the summary
-            out.append(common.failure(f"{type(e).__name__}: {e}"))
+            out.append(generation.failure(f"{type(e).__name__}: {e}"))
     return out
 
 
@@ -526,7 +528,7 @@ def check_config(cfg):
     for key in need:
         if not getattr(cfg, key):
             raise ValueError(f"config {key}: empty; --bench={cfg.bench} needs it")
-    common.check_dtype(cfg)
+    generation.check_dtype(cfg)
     for key in ("batch_size", "max_new_tokens", "judge_max_tokens", "max_attempts", "concurrency"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config {key}: {getattr(cfg, key)} must be >= 1")
@@ -624,7 +626,7 @@ def main(argv):
                                    "model_id": model_id, "choices": [{"index": 0, "turns": turns[i]}],
                                    "tstamp": now}, "judgments": []} for i, q in enumerate(batch)]
             for k, (i, turn) in enumerate(jobs):
-                r = replies.get(k) or common.failure(f"the answer failed: {errors[i]}")
+                r = replies.get(k) or generation.failure(f"the answer failed: {errors[i]}")
                 judgment = r["text"] if r["error"] is None else f"{ERROR_OUTPUT} {r['error']}"
                 records[i]["judgments"].append({
                     "question_id": batch[i]["question_id"], "model": model_id, "judge": [judge_spec["name"], names[k]],
@@ -653,7 +655,7 @@ def main(argv):
             replies = dict(zip(live, ask(judge, [chats[k] for k in live], cfg, None, 1, top_logprobs=5)))
             records = []
             for k, x in enumerate(batch):
-                r = replies.get(k) or common.failure(f"the answer failed: {outs[k][1]}")
+                r = replies.get(k) or generation.failure(f"the answer failed: {outs[k][1]}")
                 pref = shown_preference(r) if r["error"] is None else None
                 if pref is not None and is_flipped(x["instruction"]):
                     pref = 3.0 - pref                                   # back to (baseline 1, model 2)
@@ -668,10 +670,10 @@ def main(argv):
         return work_mt if mt else work_alpaca
 
     specs = [s for s in (model_spec, judge_spec) if s]
-    totals = common.run_in_parts(cfg, d, items, key, RESUME_FREE, start_worker, "question" if mt else "instruction",
-                                 {**(common.local_device(specs, d) or {}), "model_id": model_id})
+    totals = generation.run_in_parts(cfg, d, items, key, RESUME_FREE, start_worker, "question" if mt else "instruction",
+                                 {**(generation.local_device(specs, d) or {}), "model_id": model_id})
     if d.main:
-        done = common.read_finished(cfg, items, key)
+        done = generation.read_finished(cfg, items, key)
         if mt:
             judgments = [j for r in done for j in r["judgments"]]
             write_jsonl(os.path.join(cfg.out_dir, "answers.jsonl"), [r["answer"] for r in done])
@@ -683,15 +685,15 @@ def main(argv):
         else:
             outputs = [{"instruction": r["instruction"], "output": r["output"], "generator": r["generator"],
                         "dataset": r["dataset"]} for r in done]
-            common.write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
+            files.write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
             annotations = [r["annotation"] for r in done]
-            common.write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
+            files.write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
             s = alpaca_summary(annotations, outputs, model_id, baseline_name, judge_spec["name"], difficulty)
             line = (f"AlpacaEval win rate {s['win_rate']} (se {s['standard_error']}), length-controlled "
                     f"{s['length_controlled_win_rate']} over {s['n']} instructions; {s['n_failed']} without a "
                     f"preference (left out)")
-        common.write_json(os.path.join(cfg.out_dir, "summary.json"), s)
-        stats = common.run_stats(totals, time.time() - t_start, "question" if mt else "instruction")
+        files.write_json(os.path.join(cfg.out_dir, "summary.json"), s)
+        stats = generation.run_stats(totals, time.time() - t_start, "question" if mt else "instruction")
         print(f"{line}; {stats['wall_s']} s; wrote {cfg.out_dir}/summary.json")
     common.shutdown()
 

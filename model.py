@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from files import write_json
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -620,15 +622,6 @@ def _safetensors_size(fn):
         return None
 
 
-def _atomic_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path, cfg, named_tensors, tokenizer=None, max_shard_bytes=5 * 10**9):
     """Write an HF-format directory from an iterable of (name, tensor), streaming: a shard is written as
     soon as it is full, so a caller gathering an FSDP model tensor by tensor never holds the whole model.
@@ -673,10 +666,10 @@ def save_checkpoint(path, cfg, named_tensors, tokenizer=None, max_shard_bytes=5 
                 final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 os.rename(os.path.join(tmp, fn), os.path.join(tmp, final))
                 weight_map.update({n: final for n in names})
-            _atomic_json(os.path.join(tmp, "model.safetensors.index.json"),
-                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _atomic_json(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
-        _atomic_json(os.path.join(tmp, "generation_config.json"),
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
+        write_json(os.path.join(tmp, "generation_config.json"),
                      {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
