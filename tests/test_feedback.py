@@ -6,15 +6,13 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, read_jsonl, run, torchrun
+from conftest import ROOT, ChatServer, kill_after_lines, read_jsonl, run, torchrun
 import feedback
 from files import write_json
 import generation
@@ -106,16 +104,7 @@ def test_killed_run_resumes_to_identical_output(one_rank, prompts_file, tiny_mod
     out = str(tmp_path / "killed")
     part = os.path.join(out, "parts", "rank0.jsonl")
     cmd = [sys.executable, "feedback.py", *args(prompts_file, tiny_model, out)]
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1", "FB_TEST_JUDGE_SLEEP": "0.1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (os.path.exists(part) and open(part, "rb").read().count(b"\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_done = open(part, "rb").read().count(b"\n")
+    n_done = kill_after_lines(cmd, part, 1, env={**ENV, "FB_TEST_JUDGE_SLEEP": "0.1"})
     assert 1 <= n_done < 12 and not os.path.exists(os.path.join(out, "raw.jsonl"))
     with open(part, "ab") as f:
         f.write(b'{"index": 11, "instruction": "Sort th')  # and a torn last line, as a kill mid-write leaves
