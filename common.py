@@ -1,7 +1,7 @@
-"""What the stage scripts share: config parsing, torchrun setup, FSDP2 sharding and sharded loading,
-resume from DCP checkpoints (checkpoints.py), Hugging Face export, LR schedules, JSONL + tqdm logging, and the pieces of the
-training loop that sft.py and dpo.py run alike. (The generation clients and their resumable loop are in
-generation.py; atomic writes and row reading in files.py.)
+"""What the stage scripts share: config parsing, torchrun setup, FSDP2 sharding and sharded loading, resume
+from DCP checkpoints (written by checkpoints.py), Hugging Face export, LR schedules, JSONL + tqdm logging, and
+the pieces of the training loop that sft.py and dpo.py run alike. The generation clients and their resumable
+loop are in generation.py; atomic writes and row reading in files.py.
 
 Each piece is a plain function; the stage scripts call them in order, like a recipe.
 """

@@ -454,7 +454,7 @@ def main(argv):
         return work
 
     totals = generation.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt",
-                                 generation.local_device(member_specs + [judge_spec], d))
+                                     generation.local_device(member_specs + [judge_spec], d))
     if d.main:
         s = merge(cfg, prompts, malformed, generation.run_stats(totals, time.time() - t_start, "prompt"))
         print(f"{s['pairs']} pairs from {s['prompts']} prompts ({s['ties_dropped']} ties dropped, {s['too_few_rated']} "

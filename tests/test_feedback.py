@@ -371,8 +371,8 @@ def test_parse_spec_forms(tiny_model):
     assert generation.parse_spec(" http://h:8/v1|model=m|key_env=K|name=lbl ", "models") == {
         "kind": "endpoint", "target": "http://h:8/v1", "model": "m", "key_env": "K", "name": "lbl", "field": "models"}
     assert generation.parse_spec("https://h/v1|model=m", "judge")["name"] == "m"
-    assert generation.parse_spec(f"{tiny_model}|name=x", "user") == {"kind": "local", "target": tiny_model, "name": "x",
-                                                                  "field": "user"}
+    assert generation.parse_spec(f"{tiny_model}|name=x", "user") == {"kind": "local", "target": tiny_model,
+                                                                      "name": "x", "field": "user"}
     assert generation.parse_spec("test_feedback:judge_len", "judge")["kind"] == "function"
     for spec, message in [("http://h/v1", "needs |model=NAME"), ("http://h/v1|model=m|temp=1", "option 'temp=1'"),
                           ("/no/such/dir", "not a Hugging Face directory")]:

@@ -202,7 +202,7 @@ def read_seeds(path, openers_per_seed, strict=False, max_seeds=-1):
 
 def rounds_planned(dialogue, cfg):
     return random.Random(generation.seed_of(cfg.seed, dialogue["dialogue_id"], "rounds")).randint(cfg.min_rounds,
-                                                                                              cfg.max_rounds)
+                                                                                                  cfg.max_rounds)
 
 
 # -----------------------------------------------------------------------------
@@ -359,7 +359,7 @@ def main(argv):
         return work
 
     totals = generation.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue",
-                                 generation.local_device(list(specs.values()), d))
+                                     generation.local_device(list(specs.values()), d))
     if d.main:
         s = merge(cfg, dialogues, n_seeds, malformed, generation.run_stats(totals, time.time() - t_start, "dialogue"))
         print(f"{s['dialogues_written']} of {s['dialogues']} dialogues written ({s['rounds']} rounds; ended: "
