@@ -27,7 +27,8 @@ from torch.distributed.tensor import DTensor
 import lora
 from checkpoints import list_checkpoints, load_train_checkpoint, save_train_checkpoint
 from files import atomic_open, write_json
-from model import CheckpointReader, Mistral, MistralConfig, config_from_preset, save_checkpoint
+from model import Mistral, MistralConfig, config_from_preset
+from weights import CheckpointReader, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config: dataclass defaults <- optional JSON preset <- --key=value flags

@@ -45,7 +45,7 @@ from test_sft import assert_same_run, sft_args, write_random_shards
 # export   after the first safetensors file of the final export is written
 HOOK = r'''
 import os, runpy, sys, time
-import checkpoints, common, model
+import checkpoints, common, model, weights
 kind, _, k = os.environ["HANG_AT"].partition(":")
 
 def hang():
@@ -67,11 +67,11 @@ elif kind == "ckpt":
             hang()
     checkpoints.dcp.save = save
 else:
-    real_file = model.save_file
+    real_file = weights.save_file
     def save_file(*a, **kw):
         real_file(*a, **kw)
         hang()
-    model.save_file = save_file
+    weights.save_file = save_file
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
