@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/ultrachat/clean.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.tokenizer import atomic_write, write_jsonl
+from files import atomic_write, write_jsonl
 from data.ultrachat.prepare import BadRow, DataError, describe_file, iter_rows, parquet_rows
 
 DEFAULT_PHRASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusal_phrases.txt")
