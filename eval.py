@@ -63,12 +63,12 @@ import numpy as np
 import torch
 
 import common
-import files
 import generation
+from files import parse_rows, write_json, write_jsonl
 from generation import Endpoint, LocalModel, load_client, parse_spec, seed_of
 from data.eval.formats import (NEED_REF_CATS, parse_instruction, parse_question, prompt_name, read_answer_turns,
                                read_difficulty, read_judge_prompts, read_outputs, read_prompt_file)
-from data.tokenizer import render_chat, write_jsonl
+from data.tokenizer import render_chat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -123,7 +123,7 @@ ERROR_OUTPUT = "$ERROR$"              # FastChat's text for an answer or judgmen
 
 
 def read_questions(cfg):
-    questions, malformed = files.parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
+    questions, malformed = parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
     seen = set()
     for q in questions:
         if q["question_id"] in seen:
@@ -195,8 +195,7 @@ def parse_score(judgment):
 
 
 def read_instructions(cfg):
-    items, malformed = files.parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict,
-                                        cfg.max_items)
+    items, malformed = parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict, cfg.max_items)
     return [dict(index=i, **x) for i, x in enumerate(items)], malformed
 
 
@@ -542,14 +541,14 @@ def main(argv):
         else:
             outputs = [{"instruction": r["instruction"], "output": r["output"], "generator": r["generator"],
                         "dataset": r["dataset"]} for r in done]
-            files.write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
+            write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
             annotations = [r["annotation"] for r in done]
-            files.write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
+            write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
             s = alpaca_summary(annotations, outputs, model_id, baseline_name, judge_spec["name"], difficulty)
             line = (f"AlpacaEval win rate {s['win_rate']} (se {s['standard_error']}), length-controlled "
                     f"{s['length_controlled_win_rate']} over {s['n']} instructions; {s['n_failed']} without a "
                     f"preference (left out)")
-        files.write_json(os.path.join(cfg.out_dir, "summary.json"), s)
+        write_json(os.path.join(cfg.out_dir, "summary.json"), s)
         stats = generation.run_stats(totals, time.time() - t_start, "question" if mt else "instruction")
         print(f"{line}; {stats['wall_s']} s; wrote {cfg.out_dir}/summary.json")
     common.shutdown()

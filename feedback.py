@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 
 import common
-import files
 import generation
+from files import check_utf8, parse_rows, write_json, write_jsonl
 from generation import Endpoint, LocalModel, last_logits, load_client, parse_spec, seed_of
-from data.tokenizer import check_messages, render_chat, write_jsonl
+from data.tokenizer import check_messages, render_chat
 
 
 @dataclass
@@ -160,7 +160,7 @@ def parse_prompt_row(row, default_source):
             raise ValueError(f"'{key}': expected a string, got {type(row[key]).__name__}")
         context = [{"role": "user", "content": row[key]}]
     text = context[-1]["content"]
-    files.check_utf8(text, "prompt")
+    check_utf8(text, "prompt")
     if not text.strip():
         raise ValueError("the prompt is empty")
     pid = row.get("prompt_id")
@@ -168,15 +168,15 @@ def parse_prompt_row(row, default_source):
         pid = hashlib.sha256(text.encode("utf-8")).hexdigest()  # as ultrachat_200k / ultrafeedback_binarized
     elif not isinstance(pid, str) or not pid:
         raise ValueError(f"'prompt_id': expected a non-empty string, got {pid!r:.40}")
-    files.check_utf8(pid, "prompt_id")
+    check_utf8(pid, "prompt_id")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
-    files.check_utf8(source, "source")
+    check_utf8(source, "source")
     return dict(context=context, prompt=text, prompt_id=pid, source=source)
 
 
 def read_prompts(path, strict=False, max_prompts=-1):
     """Valid prompts in input order (each with its `index`), and one message per malformed row skipped."""
-    prompts, malformed = files.parse_rows(path, parse_prompt_row, "prompts", strict, max_prompts)
+    prompts, malformed = parse_rows(path, parse_prompt_row, "prompts", strict, max_prompts)
     return [dict(index=i, **p) for i, p in enumerate(prompts)], malformed
 
 
@@ -390,7 +390,7 @@ def merge(cfg, prompts, malformed, run_stats):
                "too_few_rated": reasons["too_few_rated"], "ties_dropped": reasons["tie"], "pairs": len(pairs),
                "mean_score": mean(scores), "mean_score_chosen": mean([p["score_chosen"] for p in pairs]),
                "mean_score_rejected": mean([p["score_rejected"] for p in pairs]), **run_stats}
-    files.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
 

@@ -60,9 +60,8 @@ import torch
 if __package__ in (None, ""):  # run as `python data/ultrachat/generate.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
-import files  # noqa: E402
 import generation  # noqa: E402
-from data.tokenizer import write_jsonl  # noqa: E402
+from files import check_utf8, parse_rows, write_json, write_jsonl  # noqa: E402
 from data.ultrachat import clean  # noqa: E402
 
 
@@ -177,22 +176,22 @@ def parse_seed_row(row, default_source):
         raise ValueError(f"'{kind}': expected a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"'{kind}' is empty")
-    files.check_utf8(text, kind)
+    check_utf8(text, kind)
     sid = row.get("id")
     if sid is None:
         sid = hashlib.sha256(f"{kind}\n{text}".encode("utf-8")).hexdigest()[:16]
     elif isinstance(sid, bool) or not isinstance(sid, (str, int)) or sid == "":
         raise ValueError(f"'id': expected a non-empty string or an integer, got {sid!r:.40}")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
-    files.check_utf8(str(sid), "id")
-    files.check_utf8(source, "source")
+    check_utf8(str(sid), "id")
+    check_utf8(source, "source")
     return dict(seed_kind=kind, text=text, seed_id=str(sid), source=source)
 
 
 def read_seeds(path, openers_per_seed, strict=False, max_seeds=-1):
     """The dialogues to write, in input order (each with its `index` and `dialogue_id`), the number of seed rows,
     and one message per malformed row skipped."""
-    seeds, malformed = files.parse_rows(path, parse_seed_row, "seeds", strict, max_seeds)
+    seeds, malformed = parse_rows(path, parse_seed_row, "seeds", strict, max_seeds)
     dialogues = []
     for seed in seeds:
         for k in range(1 if seed["seed_kind"] == "prompt" else openers_per_seed):
@@ -299,12 +298,12 @@ def merge(cfg, dialogues, n_seeds, malformed, run_stats):
         # clean.py's steps on our own output; a row it cannot read would be our bug, so it is not silenced.
         cleaned, stats = clean.clean_rows(rows, source=os.path.join(cfg.out_dir, "dialogues.jsonl"))
         write_jsonl(os.path.join(cfg.out_dir, "clean.jsonl"), cleaned)
-        files.write_json(os.path.join(cfg.out_dir, "clean.stats.json"), stats)
+        write_json(os.path.join(cfg.out_dir, "clean.stats.json"), stats)
         summary["clean"] = {k: stats[k] for k in ("rows_written", "turns_truecased", "refusal_removed",
                                                   "refusal_kept_because_asked", "duplicates_removed")}
         print(clean.summary(stats))
     summary.update(run_stats)
-    files.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
 
@@ -361,7 +360,8 @@ def main(argv):
     totals = generation.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue",
                                      generation.local_device(list(specs.values()), d))
     if d.main:
-        s = merge(cfg, dialogues, n_seeds, malformed, generation.run_stats(totals, time.time() - t_start, "dialogue"))
+        stats = generation.run_stats(totals, time.time() - t_start, "dialogue")
+        s = merge(cfg, dialogues, n_seeds, malformed, stats)
         print(f"{s['dialogues_written']} of {s['dialogues']} dialogues written ({s['rounds']} rounds; ended: "
               f"{', '.join(f'{k} {v}' for k, v in s['ended'].items())}); wrote {cfg.out_dir}/raw.jsonl, "
               f"dialogues.jsonl{', clean.jsonl' if cfg.clean else ''}, summary.json")

@@ -57,8 +57,9 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/ultrafeedback/prepare.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from files import atomic_write
 from data.shards import ShardWriter
-from data.tokenizer import Tokenizer, atomic_write, check_messages
+from data.tokenizer import Tokenizer, check_messages
 from data.ultrachat.prepare import (BLOCK, BadRow, BadRows, DataError, describe_file, hub_files,
                                     iter_rows, load_tokenizer, parquet_rows)
 
