@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import checkpoints
 import common
 import feedback
-import model as model_module
+import weights
 from conftest import ROOT, read_jsonl, run
 from data.shards import Shards
 from data.tokenizer import Tokenizer
@@ -359,7 +359,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary(tmp_path, monk
     small_model(0).save_pretrained(path, max_shard_bytes=20000)
     before = snapshot(path)
     assert len([f for f in before if f.endswith(".safetensors")]) == 2
-    real, calls = model_module.save_file, []
+    real, calls = weights.save_file, []
 
     def fail_after_first(*a, **kw):
         calls.append(1)
@@ -367,7 +367,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary(tmp_path, monk
             raise error
         return real(*a, **kw)
 
-    monkeypatch.setattr(model_module, "save_file", fail_after_first)
+    monkeypatch.setattr(weights, "save_file", fail_after_first)
     with pytest.raises(type(error)) as e:
         small_model(1).save_pretrained(path, max_shard_bytes=20000)
     assert f"export to {path} failed" in " ".join(e.value.__notes__) and len(calls) == 2
