@@ -5,7 +5,7 @@
     python chat.py out/tiny/dpo/hf --prompt "Name a prime number."   # one answer on stdout, then exit
     python chat.py "http://localhost:8000/v1|model=zephyr|key_env=API_KEY" --prompt "Hi"   # e.g. vLLM
 
-The model is what feedback.py takes (common.parse_spec): an exported Hugging Face directory, run here with
+The model is what feedback.py takes (generation.parse_spec): an exported Hugging Face directory, run here with
 model.py, or an OpenAI-compatible chat-completions endpoint. A local model sees exactly the ids it was trained
 on: Tokenizer.encode_chat, the exported chat template's tokens (tests/test_tokenizer.py). Its answer is
 streamed token by token; an endpoint's arrives whole. Flags take --key=value or --key value.
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import common
+import generation
 
 
 @dataclass
@@ -59,7 +60,7 @@ def parse_args(argv):
     if cfg.max_new_tokens < 1 or cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         raise ValueError(f"config: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
                          f"{cfg.max_new_tokens}, {cfg.temperature}, {cfg.top_p}")
-    common.check_dtype(cfg)
+    generation.check_dtype(cfg)
     return cfg
 
 
@@ -92,13 +93,13 @@ class Chat:
     """One model, local or endpoint; answer(messages) -> (text, finish_reason), streamed to `out` when local."""
 
     def __init__(self, cfg):
-        spec = common.parse_spec(cfg.model, "model")
+        spec = generation.parse_spec(cfg.model, "model")
         if spec["kind"] == "function":
             raise ValueError(f"config model: {cfg.model!r}: a local directory or an endpoint, not module:function")
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         d = common.Dist(0, 1, 0, torch.device(device))  # no process group: nothing here is distributed
-        self.cfg, self.client = cfg, common.load_client(spec, cfg, d, {})
-        self.local = isinstance(self.client, common.LocalModel)
+        self.cfg, self.client = cfg, generation.load_client(spec, cfg, d, {})
+        self.local = isinstance(self.client, generation.LocalModel)
         if self.local:
             self.generator = torch.Generator(device=d.device).manual_seed(cfg.seed)
 

@@ -45,7 +45,7 @@ targets, and averages the predicted win probability at delta_len = 0. The diffic
 and model terms alone. alpaca_eval fits with sklearn's cross-validated L2 penalty and pulls the weights toward
 the baseline's; we fit the plain maximum-likelihood GLM, so LC can differ from theirs in the decimals.
 
-Both benches run through common.run_in_parts: per-rank part files, fsynced per question, so a killed run resumes
+Both benches run through generation.run_in_parts: per-rank part files, fsynced per question, so a killed run resumes
 where it stopped and its outputs equal an uninterrupted run's (tstamp fields aside: they are wall-clock times);
 the number of ranks does not change them either.
 """
@@ -55,7 +55,6 @@ import hashlib
 import math
 import os
 import re
-import string
 import sys
 import time
 from dataclasses import dataclass
@@ -64,8 +63,12 @@ import numpy as np
 import torch
 
 import common
-from common import Endpoint, LocalModel, load_client, parse_spec, seed_of
-from data.tokenizer import render_chat, write_jsonl
+import generation
+from files import parse_rows, write_json, write_jsonl
+from generation import Endpoint, LocalModel, load_client, parse_spec, seed_of
+from data.eval.formats import (NEED_REF_CATS, parse_instruction, parse_question, prompt_name, read_answer_turns,
+                               read_difficulty, read_judge_prompts, read_outputs, read_prompt_file)
+from data.tokenizer import render_chat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,91 +118,18 @@ RESUME_FREE = {"resume", "strict", "request_timeout", "max_attempts", "backoff_s
 TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
                 "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
 DEFAULT_TEMPERATURE = 0.7             # a category FastChat does not list; also AlpacaEval's default here
-NEED_REF_CATS = ("math", "reasoning", "coding", "arena-hard-200")
 SCORE_RE, SCORE_RE_BACKUP = re.compile(r"\[\[(\d+\.?\d*)\]\]"), re.compile(r"\[(\d+\.?\d*)\]")
 ERROR_OUTPUT = "$ERROR$"              # FastChat's text for an answer or judgment that could not be had
 
 
-def parse_question(row, _):
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    qid, cat, turns = row.get("question_id"), row.get("category"), row.get("turns")
-    if not isinstance(qid, (int, str)) or isinstance(qid, bool):
-        raise ValueError(f"'question_id': expected an int or a string, got {qid!r:.40}")
-    if not isinstance(cat, str):
-        raise ValueError(f"'category': expected a string, got {cat!r:.40}")
-    if not (isinstance(turns, list) and 1 <= len(turns) <= 2 and all(isinstance(t, str) and t.strip() for t in turns)):
-        raise ValueError("'turns': expected a list of one or two non-empty strings")
-    for t in turns:
-        common.check_utf8(t, "turns")
-    ref = row.get("reference")
-    if ref is not None and not (isinstance(ref, list) and all(isinstance(t, str) for t in ref)):
-        raise ValueError("'reference': expected a list of strings")
-    return dict(question_id=qid, category=cat, turns=turns, reference=ref)
-
-
 def read_questions(cfg):
-    questions, malformed = common.parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
+    questions, malformed = parse_rows(cfg.questions, parse_question, "questions", cfg.strict, cfg.max_items)
     seen = set()
     for q in questions:
         if q["question_id"] in seen:
             raise ValueError(f"{cfg.questions}: question_id {q['question_id']!r} appears twice")
         seen.add(q["question_id"])
     return [dict(index=i, **q) for i, q in enumerate(questions)], malformed
-
-
-def read_answer_turns(path, field):
-    """FastChat's answer file -> {question_id: (model_id, turns of choice 0)}; the last row of a question wins, as
-    FastChat's load_model_answers has it."""
-    out = {}
-    for where, row, error in common.read_rows(path):
-        try:
-            if error:
-                raise ValueError(error)
-            turns = row["choices"][0]["turns"]
-            if not all(isinstance(t, str) for t in turns):
-                raise TypeError
-            out[row["question_id"]] = (row.get("model_id"), turns)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise ValueError(f"config {field}: {where}: not a FastChat answer row (question_id, choices[0].turns): "
-                             f"{e}") from None
-    return out
-
-
-def read_judge_prompts(path, questions):
-    """{name: FastChat judge-prompt row} for the prompts these questions need, their placeholders checked."""
-    rows = {}
-    for where, row, error in common.read_rows(path):
-        if error or not isinstance(row, dict) or not isinstance(row.get("name"), str):
-            raise ValueError(f"config judge_prompts: {where}: not a judge-prompt row ({error or 'no name'})")
-        rows[row["name"]] = row
-    needed = {}
-    for q in questions:
-        for turn in range(1, len(q["turns"]) + 1):
-            name = prompt_name(q["category"], turn)
-            needed[name] = set(template_fields(q["category"], turn))
-    for name, fields in needed.items():
-        if name not in rows:
-            raise ValueError(f"config judge_prompts: {path} has no prompt named {name!r}")
-        row = rows[name]
-        for key in ("system_prompt", "prompt_template", "output_format"):
-            if not isinstance(row.get(key), str):
-                raise ValueError(f"config judge_prompts: {path}: {name}: '{key}' missing or not a string")
-        used = {f for _, f, _, _ in string.Formatter().parse(row["prompt_template"]) if f}
-        if not used <= fields:
-            raise ValueError(f"config judge_prompts: {path}: {name} uses {sorted(used - fields)}; it may use "
-                             f"{sorted(fields)}")
-    return rows
-
-
-def prompt_name(category, turn):
-    return ("single-math-v1" if category in NEED_REF_CATS else "single-v1") + ("-multi-turn" if turn == 2 else "")
-
-
-def template_fields(category, turn):
-    base = ["question", "answer"] if turn == 1 else ["question_1", "answer_1", "question_2", "answer_2"]
-    refs = (["ref_answer_1"] if turn == 1 else ["ref_answer_1", "ref_answer_2"]) if category in NEED_REF_CATS else []
-    return base + refs
 
 
 def question_temperature(q, cfg):
@@ -264,82 +194,9 @@ def parse_score(judgment):
 # AlpacaEval (alpaca_eval's weighted GPT-4-turbo annotator)
 
 
-def parse_instruction(row, name):
-    if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-        raise ValueError("expected an object with a non-empty 'instruction' string")
-    common.check_utf8(row["instruction"], "instruction")
-    dataset = row.get("dataset") if isinstance(row.get("dataset"), str) else name
-    return dict(instruction=row["instruction"], dataset=dataset)
-
-
 def read_instructions(cfg):
-    items, malformed = common.parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict,
-                                         cfg.max_items)
+    items, malformed = parse_rows(cfg.instructions, parse_instruction, "instructions", cfg.strict, cfg.max_items)
     return [dict(index=i, **x) for i, x in enumerate(items)], malformed
-
-
-def read_outputs(path, field):
-    """alpaca_eval's outputs file -> {instruction: (output, generator)}; the first row of an instruction wins."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config {field}: {path} not found")
-    out = {}
-    for where, row, error in common.read_rows(path):
-        if error or not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
-                or not isinstance(row.get("output"), str):
-            raise ValueError(f"config {field}: {where}: expected an object with 'instruction' and 'output' strings"
-                             + (f" ({error})" if error else ""))
-        out.setdefault(row["instruction"], (row["output"], row.get("generator")))
-    return out
-
-
-def read_difficulty(path, instructions):
-    """alpaca_eval's per-instruction difficulty -> one float per instruction, in order. Rows name their
-    instruction by `instruction` text or by `index` (its 0-based row among the instructions read, as alpaca_eval's
-    df_gamed.csv does; repeated rows of an index, one per model there, carry the same value)."""
-    if path.endswith(".csv"):
-        import csv
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        where = [f"{path} row {i + 2}" for i in range(len(rows))]
-    else:
-        rows, where = [], []
-        for w, row, error in common.read_rows(path):
-            if error:
-                raise ValueError(f"config instruction_difficulty: {w}: {error}")
-            rows.append(row)
-            where.append(w)
-    by_text, by_index = {}, {}
-    for w, row in zip(where, rows):
-        try:
-            value = float(row["instruction_difficulty"])
-            if row.get("instruction") not in (None, ""):
-                by_text.setdefault(row["instruction"], value)
-            else:
-                by_index.setdefault(int(float(row["index"])), value)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"config instruction_difficulty: {w}: expected instruction_difficulty and an "
-                             "instruction or index") from None
-    out = []
-    for x in instructions:
-        value = by_text.get(x["instruction"], by_index.get(x["index"]))
-        if value is None:
-            raise ValueError(f"config instruction_difficulty: {path} has no difficulty for instruction "
-                             f"{x['index']} ({x['instruction'][:60]!r})")
-        out.append(value)
-    return out
-
-
-def read_prompt_file(path):
-    """alpaca_eval's prompt file format -> [(role, template)]: <|im_start|>ROLE ... <|im_end|> blocks; a file
-    without them is one user message."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    blocks = re.findall(r"<\|im_start\|>(\w+)\s*\n(.*?)<\|im_end\|>", text, re.S)
-    msgs = [(role, body.strip()) for role, body in blocks] or [("user", text.strip())]
-    placeholders = set(re.findall(r"\{(instruction|output_1|output_2)\}", text))
-    if placeholders != {"instruction", "output_1", "output_2"}:
-        raise ValueError(f"config judge_prompt: {path} must contain {{instruction}}, {{output_1}} and {{output_2}}")
-    return msgs
 
 
 def fill_prompt(template, instruction, output_1, output_2):
@@ -380,7 +237,7 @@ def local_mm_logprobs(judge, chats):
     fit = [i for i, s in enumerate(seqs) if len(s) <= judge.max_len]
     for k in range(0, len(fit), 8):
         chunk = fit[k:k + 8]
-        lp = common.last_logits(judge.model, [seqs[i] for i in chunk], judge.tok.pad_id).float().log_softmax(-1)
+        lp = generation.last_logits(judge.model, [seqs[i] for i in chunk], judge.tok.pad_id).float().log_softmax(-1)
         for i, row in zip(chunk, lp[:, ids].tolist()):
             out[i] = {"m": row[0], "M": row[1]}
     return out
@@ -396,7 +253,7 @@ def ask(judge, chats, cfg, gen, max_tokens, top_logprobs=0):
         return judge.generate(chats, max_tokens, cfg.judge_temperature, 1.0, top_logprobs=top_logprobs)
     if isinstance(judge, LocalModel):
         if top_logprobs:  # the verdict is the next token: no text to generate
-            return [common.failure("prompt too long for the judge") if lp is None else
+            return [generation.failure("prompt too long for the judge") if lp is None else
                     dict(text=max(lp, key=lp.get), error=None, top_logprobs=lp, tokens=0)
                     for lp in local_mm_logprobs(judge, chats)]
         return judge.generate(chats, max_tokens, cfg.judge_temperature, 1.0, gen)
@@ -407,9 +264,9 @@ def ask(judge, chats, cfg, gen, max_tokens, top_logprobs=0):
             if isinstance(reply, dict):  # {"text", "top_logprobs"}: a rule-based judge's verdict with odds (a draw)
                 reply = dict(text=reply.get("text") or "", error=None, top_logprobs=reply.get("top_logprobs"))
             out.append(dict(text=reply, error=None) if isinstance(reply, str) else reply if isinstance(reply, dict)
-                       else common.failure(f"the judge function returned {type(reply).__name__}, not a string"))
+                       else generation.failure(f"the judge function returned {type(reply).__name__}, not a string"))
         except Exception as e:  # a judge bug must not cost the finished answers; it is counted in the summary
-            out.append(common.failure(f"{type(e).__name__}: {e}"))
+            out.append(generation.failure(f"{type(e).__name__}: {e}"))
     return out
 
 
@@ -526,7 +383,7 @@ def check_config(cfg):
     for key in need:
         if not getattr(cfg, key):
             raise ValueError(f"config {key}: empty; --bench={cfg.bench} needs it")
-    common.check_dtype(cfg)
+    generation.check_dtype(cfg)
     for key in ("batch_size", "max_new_tokens", "judge_max_tokens", "max_attempts", "concurrency"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config {key}: {getattr(cfg, key)} must be >= 1")
@@ -624,7 +481,7 @@ def main(argv):
                                    "model_id": model_id, "choices": [{"index": 0, "turns": turns[i]}],
                                    "tstamp": now}, "judgments": []} for i, q in enumerate(batch)]
             for k, (i, turn) in enumerate(jobs):
-                r = replies.get(k) or common.failure(f"the answer failed: {errors[i]}")
+                r = replies.get(k) or generation.failure(f"the answer failed: {errors[i]}")
                 judgment = r["text"] if r["error"] is None else f"{ERROR_OUTPUT} {r['error']}"
                 records[i]["judgments"].append({
                     "question_id": batch[i]["question_id"], "model": model_id, "judge": [judge_spec["name"], names[k]],
@@ -653,7 +510,7 @@ def main(argv):
             replies = dict(zip(live, ask(judge, [chats[k] for k in live], cfg, None, 1, top_logprobs=5)))
             records = []
             for k, x in enumerate(batch):
-                r = replies.get(k) or common.failure(f"the answer failed: {outs[k][1]}")
+                r = replies.get(k) or generation.failure(f"the answer failed: {outs[k][1]}")
                 pref = shown_preference(r) if r["error"] is None else None
                 if pref is not None and is_flipped(x["instruction"]):
                     pref = 3.0 - pref                                   # back to (baseline 1, model 2)
@@ -668,10 +525,11 @@ def main(argv):
         return work_mt if mt else work_alpaca
 
     specs = [s for s in (model_spec, judge_spec) if s]
-    totals = common.run_in_parts(cfg, d, items, key, RESUME_FREE, start_worker, "question" if mt else "instruction",
-                                 {**(common.local_device(specs, d) or {}), "model_id": model_id})
+    totals = generation.run_in_parts(cfg, d, items, key, RESUME_FREE, start_worker,
+                                     "question" if mt else "instruction",
+                                     {**(generation.local_device(specs, d) or {}), "model_id": model_id})
     if d.main:
-        done = common.read_finished(cfg, items, key)
+        done = generation.read_finished(cfg, items, key)
         if mt:
             judgments = [j for r in done for j in r["judgments"]]
             write_jsonl(os.path.join(cfg.out_dir, "answers.jsonl"), [r["answer"] for r in done])
@@ -683,15 +541,15 @@ def main(argv):
         else:
             outputs = [{"instruction": r["instruction"], "output": r["output"], "generator": r["generator"],
                         "dataset": r["dataset"]} for r in done]
-            common.write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
+            write_json(os.path.join(cfg.out_dir, "model_outputs.json"), outputs)
             annotations = [r["annotation"] for r in done]
-            common.write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
+            write_json(os.path.join(cfg.out_dir, "annotations.json"), annotations)
             s = alpaca_summary(annotations, outputs, model_id, baseline_name, judge_spec["name"], difficulty)
             line = (f"AlpacaEval win rate {s['win_rate']} (se {s['standard_error']}), length-controlled "
                     f"{s['length_controlled_win_rate']} over {s['n']} instructions; {s['n_failed']} without a "
                     f"preference (left out)")
-        common.write_json(os.path.join(cfg.out_dir, "summary.json"), s)
-        stats = common.run_stats(totals, time.time() - t_start, "question" if mt else "instruction")
+        write_json(os.path.join(cfg.out_dir, "summary.json"), s)
+        stats = generation.run_stats(totals, time.time() - t_start, "question" if mt else "instruction")
         print(f"{line}; {stats['wall_s']} s; wrote {cfg.out_dir}/summary.json")
     common.shutdown()
 

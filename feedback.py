@@ -44,8 +44,10 @@ from dataclasses import dataclass
 import torch
 
 import common
-from common import Endpoint, LocalModel, last_logits, load_client, parse_spec, seed_of
-from data.tokenizer import check_messages, render_chat, write_jsonl
+import generation
+from files import check_utf8, parse_rows, write_json, write_jsonl
+from generation import Endpoint, LocalModel, last_logits, load_client, parse_spec, seed_of
+from data.tokenizer import check_messages, render_chat
 
 
 @dataclass
@@ -158,7 +160,7 @@ def parse_prompt_row(row, default_source):
             raise ValueError(f"'{key}': expected a string, got {type(row[key]).__name__}")
         context = [{"role": "user", "content": row[key]}]
     text = context[-1]["content"]
-    common.check_utf8(text, "prompt")
+    check_utf8(text, "prompt")
     if not text.strip():
         raise ValueError("the prompt is empty")
     pid = row.get("prompt_id")
@@ -166,15 +168,15 @@ def parse_prompt_row(row, default_source):
         pid = hashlib.sha256(text.encode("utf-8")).hexdigest()  # as ultrachat_200k / ultrafeedback_binarized
     elif not isinstance(pid, str) or not pid:
         raise ValueError(f"'prompt_id': expected a non-empty string, got {pid!r:.40}")
-    common.check_utf8(pid, "prompt_id")
+    check_utf8(pid, "prompt_id")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
-    common.check_utf8(source, "source")
+    check_utf8(source, "source")
     return dict(context=context, prompt=text, prompt_id=pid, source=source)
 
 
 def read_prompts(path, strict=False, max_prompts=-1):
     """Valid prompts in input order (each with its `index`), and one message per malformed row skipped."""
-    prompts, malformed = common.parse_rows(path, parse_prompt_row, "prompts", strict, max_prompts)
+    prompts, malformed = parse_rows(path, parse_prompt_row, "prompts", strict, max_prompts)
     return [dict(index=i, **p) for i, p in enumerate(prompts)], malformed
 
 
@@ -367,7 +369,7 @@ def binarize(row, context, seed):
 
 def merge(cfg, prompts, malformed, run_stats):
     """Rank 0, after every rank is done: raw.jsonl and pairs.jsonl in input order, and summary.json."""
-    raw = common.read_finished(cfg, prompts, "prompt_id")
+    raw = generation.read_finished(cfg, prompts, "prompt_id")
     pairs, reasons = [], {"pair": 0, "tie": 0, "too_few_rated": 0}
     for row, prompt in zip(raw, prompts):
         pair, why = binarize(row, prompt["context"], cfg.seed)
@@ -388,7 +390,7 @@ def merge(cfg, prompts, malformed, run_stats):
                "too_few_rated": reasons["too_few_rated"], "ties_dropped": reasons["tie"], "pairs": len(pairs),
                "mean_score": mean(scores), "mean_score_chosen": mean([p["score_chosen"] for p in pairs]),
                "mean_score_rejected": mean([p["score_rejected"] for p in pairs]), **run_stats}
-    common.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
 
@@ -400,7 +402,7 @@ def check_config(cfg):
         raise ValueError("config models: empty; name at least one member (PATH or URL|model=NAME)")
     if not cfg.judge.strip():
         raise ValueError("config judge: empty; name a PATH, URL|model=NAME or module:function")
-    common.check_dtype(cfg)
+    generation.check_dtype(cfg)
     if cfg.judge_mode not in ("digits", "parse"):
         raise ValueError(f"config judge_mode: {cfg.judge_mode!r}; choose digits or parse")
     for key in ("answers_per_member", "batch_size", "judge_batch_size", "max_new_tokens", "max_attempts",
@@ -451,10 +453,10 @@ def main(argv):
             return records, tokens, gen_s
         return work
 
-    totals = common.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt",
-                                 common.local_device(member_specs + [judge_spec], d))
+    totals = generation.run_in_parts(cfg, d, prompts, "prompt_id", RESUME_FREE, start_worker, "prompt",
+                                     generation.local_device(member_specs + [judge_spec], d))
     if d.main:
-        s = merge(cfg, prompts, malformed, common.run_stats(totals, time.time() - t_start, "prompt"))
+        s = merge(cfg, prompts, malformed, generation.run_stats(totals, time.time() - t_start, "prompt"))
         print(f"{s['pairs']} pairs from {s['prompts']} prompts ({s['ties_dropped']} ties dropped, {s['too_few_rated']} "
               f"with < 2 rated answers; {s['failed_answers']} of {s['answers']} answers failed); wrote "
               f"{cfg.out_dir}/raw.jsonl, pairs.jsonl, summary.json")

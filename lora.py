@@ -216,7 +216,7 @@ def save_adapter(path, adapter, s, base_model):
 
     from safetensors.torch import save_file
 
-    from common import write_json
+    from files import write_json
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

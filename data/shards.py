@@ -18,7 +18,7 @@ example 2i is prompt + chosen answer of pair i, example 2i+1 prompt + rejected a
 answer; the split's json says so ("kind": "preference_pairs", "n_pairs"). Nothing here knows about chat or
 tokenizers.
 
-Runtime imports: numpy and the standard library only.
+Runtime imports: numpy, the standard library and files.py (no torch).
 """
 
 import json
@@ -27,6 +27,8 @@ import os
 import uuid
 
 import numpy as np
+
+from files import fsync_dir
 
 FORMAT, VERSION = "zephyr-shards", 1
 SUFFIXES = ("ids.bin", "mask.bin", "idx.npy", "json")
@@ -139,11 +141,11 @@ class ShardWriter:
             # a mix of old and new data files, and without a json the reader refuses them all.
             if os.path.exists(self.paths["json"]):
                 os.unlink(self.paths["json"])
-                _fsync_dir(self.out_dir)
+                fsync_dir(self.out_dir)
             for s in SUFFIXES:
                 os.replace(self.tmp[s], self.paths[s])
                 del self.tmp[s]  # only once moved: abort() deletes whatever is still a temp file
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         except BaseException:
             self.abort()
             raise
@@ -170,20 +172,6 @@ class ShardWriter:
                 raise RuntimeError(f"{self.paths['json']}: the writer left its `with` block without close(meta); "
                                    "nothing was written")
         return False
-
-
-def _fsync_dir(directory):
-    # Makes the renames themselves durable (POSIX); not possible on every platform, hence the guard.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

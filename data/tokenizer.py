@@ -16,19 +16,19 @@ save_pretrained also writes the `tokenizers` library's tokenizer.json (what Mist
 and what transformers' TokenizersBackend and vLLM load as is), built here from the same vocabulary, so
 every loader encodes as we do, whichever tokenizer class it picks.
 
-Runtime imports: sentencepiece, numpy and the standard library only.
+Runtime imports: sentencepiece, numpy, the standard library and files.py (no torch).
 """
 
-import contextlib
 import io
 import json
 import os
 import re
 import struct
-import tempfile
 
 import numpy as np
 import sentencepiece as spm
+
+from files import atomic_write, write_jsonl  # noqa: F401  (write_jsonl: data/tiny imports it from here)
 
 # Mistral's layout, which train_tokenizer reproduces.
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -487,53 +487,6 @@ def load_tokenizer(path):
 
 def _json_bytes(obj):
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _umask():
-    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_open(path, mode="wb"):
-    """
-    A file object for a temporary file beside `path`; on a clean exit it is fsynced and renamed over `path`,
-    so readers see old or new, never half; on an error it is removed. The file gets the mode a plain open()
-    would give it (0666 less the umask), not mkstemp's 0600.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write(path, data):
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def write_jsonl(path, rows):
-    """Rows (any iterable, streamed) as JSON lines, atomically."""
-    with atomic_open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def test_local_judge_preference_is_its_next_token_odds_of_m_against_M(tiny_model
          f"--baseline={base}", f"--judge={tiny_model}", f"--out_dir={out}", "--batch_size=5", "--model_id=same"],
         env=ENV)
     ann = json.load(open(out / "annotations.json"))
-    from common import LocalModel
+    from generation import LocalModel
     judge = LocalModel(tiny_model, torch.device("cpu"), torch.float32)
     template = ev.read_prompt_file(os.path.join(ROOT, "data/eval/alpaca_eval_judge.txt"))
     for a in ann:
@@ -374,10 +374,10 @@ def test_instruction_difficulty_by_index_or_by_text(tmp_path):
 
 
 def test_rows_of_a_json_list_and_of_json_lines_named_json(tmp_path):
-    import common
+    import files
     rows = [{"instruction": "a"}, {"instruction": "b"}]
     (tmp_path / "list.json").write_text(json.dumps(rows, indent=2))
     (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # Hugging Face's json export
     for name, where in (("list.json", "item 2"), ("lines.json", ":2")):
-        got = list(common.read_rows(str(tmp_path / name)))
+        got = list(files.read_rows(str(tmp_path / name)))
         assert [r for _, r, _ in got] == rows and got[1][0].endswith(where)

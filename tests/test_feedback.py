@@ -6,17 +6,16 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, read_jsonl, run, torchrun
-import common
+from conftest import ROOT, ChatServer, kill_after_lines, read_jsonl, run, torchrun
 import feedback
+from files import write_json
+import generation
 from data.tokenizer import render_chat
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -105,16 +104,7 @@ def test_killed_run_resumes_to_identical_output(one_rank, prompts_file, tiny_mod
     out = str(tmp_path / "killed")
     part = os.path.join(out, "parts", "rank0.jsonl")
     cmd = [sys.executable, "feedback.py", *args(prompts_file, tiny_model, out)]
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1", "FB_TEST_JUDGE_SLEEP": "0.1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (os.path.exists(part) and open(part, "rb").read().count(b"\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_done = open(part, "rb").read().count(b"\n")
+    n_done = kill_after_lines(cmd, part, 1, env={**ENV, "FB_TEST_JUDGE_SLEEP": "0.1"})
     assert 1 <= n_done < 12 and not os.path.exists(os.path.join(out, "raw.jsonl"))
     with open(part, "ab") as f:
         f.write(b'{"index": 11, "instruction": "Sort th')  # and a torn last line, as a kill mid-write leaves
@@ -128,21 +118,21 @@ def test_killed_run_resumes_to_identical_output(one_rank, prompts_file, tiny_mod
 
 def test_resume_refuses_other_settings(tmp_path):
     cfg = feedback.Config(out_dir=str(tmp_path), models="m", judge="a:b")
-    common.write_json(str(tmp_path / "config.json"), dataclasses.asdict(cfg))
+    write_json(str(tmp_path / "config.json"), dataclasses.asdict(cfg))
     speed_only = dataclasses.replace(cfg, concurrency=2, request_timeout=5.0)
-    common.check_resumable(speed_only, feedback.RESUME_FREE)
+    generation.check_resumable(speed_only, feedback.RESUME_FREE)
     with pytest.raises(ValueError, match=r"temperature: 1.0 -> 0.5"):
-        common.check_resumable(dataclasses.replace(cfg, temperature=0.5), feedback.RESUME_FREE)
+        generation.check_resumable(dataclasses.replace(cfg, temperature=0.5), feedback.RESUME_FREE)
     # A field the saved config lacks (added to the code since) counts as its default.
     saved = json.load(open(tmp_path / "config.json"))
     del saved["judge_mode"]
-    common.write_json(str(tmp_path / "config.json"), {**saved, "local_device": "cuda"})
+    write_json(str(tmp_path / "config.json"), {**saved, "local_device": "cuda"})
     with pytest.raises(ValueError, match=r"judge_mode: 'digits' -> 'parse'"):
-        common.check_resumable(dataclasses.replace(cfg, judge_mode="parse"), feedback.RESUME_FREE)
+        generation.check_resumable(dataclasses.replace(cfg, judge_mode="parse"), feedback.RESUME_FREE)
     # What device=auto resolved to is compared too: bf16 on CUDA and fp32 on CPU sample differently.
-    common.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cuda"})
+    generation.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cuda"})
     with pytest.raises(ValueError, match=r"local_device: 'cuda' -> 'cpu'"):
-        common.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cpu"})
+        generation.check_resumable(cfg, feedback.RESUME_FREE, {"local_device": "cpu"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,13 +368,13 @@ def test_endpoint_retries_records_failures_and_keeps_the_key_secret(tmp_path):
 
 
 def test_parse_spec_forms(tiny_model):
-    assert common.parse_spec(" http://h:8/v1|model=m|key_env=K|name=lbl ", "models") == {
+    assert generation.parse_spec(" http://h:8/v1|model=m|key_env=K|name=lbl ", "models") == {
         "kind": "endpoint", "target": "http://h:8/v1", "model": "m", "key_env": "K", "name": "lbl", "field": "models"}
-    assert common.parse_spec("https://h/v1|model=m", "judge")["name"] == "m"
-    assert common.parse_spec(f"{tiny_model}|name=x", "user") == {"kind": "local", "target": tiny_model, "name": "x",
-                                                                  "field": "user"}
-    assert common.parse_spec("test_feedback:judge_len", "judge")["kind"] == "function"
+    assert generation.parse_spec("https://h/v1|model=m", "judge")["name"] == "m"
+    assert generation.parse_spec(f"{tiny_model}|name=x", "user") == {"kind": "local", "target": tiny_model,
+                                                                      "name": "x", "field": "user"}
+    assert generation.parse_spec("test_feedback:judge_len", "judge")["kind"] == "function"
     for spec, message in [("http://h/v1", "needs |model=NAME"), ("http://h/v1|model=m|temp=1", "option 'temp=1'"),
                           ("/no/such/dir", "not a Hugging Face directory")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            common.parse_spec(spec, "models")
+            generation.parse_spec(spec, "models")

@@ -4,15 +4,13 @@ import hashlib
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, ChatServer, read_jsonl, run, save_tiny_model, torchrun
+from conftest import ChatServer, kill_after_lines, read_jsonl, run, save_tiny_model, torchrun
 from data.tokenizer import Tokenizer
 from data.ultrachat import generate
 from data.ultrachat.prepare import check_row
@@ -273,15 +271,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     part = out / "parts" / "rank0.jsonl"
     server.delay = 0.1  # slow enough to be killed midway
     cmd = [sys.executable, SCRIPT, *base, f"--out_dir={out}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (part.exists() and part.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    n_done = part.read_bytes().count(b"\n")
+    n_done = kill_after_lines(cmd, part, 2)
     assert 2 <= n_done < 9 and not (out / "raw.jsonl").exists()
     with open(part, "ab") as f:
         f.write(b'{"index": 8, "dialogue_id": "x", "mess')  # a torn last line, as a kill mid-write leaves

@@ -23,9 +23,10 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import checkpoints
 import common
 import feedback
-import model as model_module
+import weights
 from conftest import ROOT, read_jsonl, run
 from data.shards import Shards
 from data.tokenizer import Tokenizer
@@ -44,7 +45,7 @@ from test_sft import assert_same_run, sft_args, write_random_shards
 # export   after the first safetensors file of the final export is written
 HOOK = r'''
 import os, runpy, sys, time
-import common, model
+import checkpoints, common, model, weights
 kind, _, k = os.environ["HANG_AT"].partition(":")
 
 def hang():
@@ -59,18 +60,18 @@ if kind == "step":
         return real_step(m, opt, clip, step, *a)
     common.optimizer_step = optimizer_step
 elif kind == "ckpt":
-    real_save = common.dcp.save
+    real_save = checkpoints.dcp.save
     def save(state, checkpoint_id):
         real_save(state, checkpoint_id=checkpoint_id)
         if checkpoint_id.endswith(f"step_{int(k):07d}.tmp"):
             hang()
-    common.dcp.save = save
+    checkpoints.dcp.save = save
 else:
-    real_file = model.save_file
+    real_file = weights.save_file
     def save_file(*a, **kw):
         real_file(*a, **kw)
         hang()
-    model.save_file = save_file
+    weights.save_file = save_file
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
@@ -111,12 +112,12 @@ def test_sft_killed_in_a_step_a_checkpoint_write_and_the_export_resumes_to_the_s
     args = sft_args(data, out, tiny_tokenizer, ckpt_every=2)
 
     killed("sft.py", args, "step:3", tmp_path)  # step 2 is checkpointed; step 3 is lost mid-way
-    assert names(common.list_checkpoints(ckpt)) == ["step_0000002"]
+    assert names(checkpoints.list_checkpoints(ckpt)) == ["step_0000002"]
 
     log = killed("sft.py", [*args, "--resume=true"], "ckpt:4", tmp_path)
     assert "resumed from" in log and "step_0000002 at step 2" in log
     assert sorted(os.listdir(ckpt)) == ["step_0000002", "step_0000004.tmp"]  # data written, no meta.json
-    assert names(common.list_checkpoints(ckpt)) == ["step_0000002"]
+    assert names(checkpoints.list_checkpoints(ckpt)) == ["step_0000002"]
     # And a torn directory that does have a meta.json (a partial copy): its data file is shorter than recorded.
     shutil.copytree(ckpt / "step_0000002", ckpt / "step_0000003")
     os.truncate(ckpt / "step_0000003" / "__0_0.distcp", 100)
@@ -142,7 +143,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoi
     last = os.path.join(out, "ckpt", "step_0000001")
     assert re.search(r"FloatingPointError: step 2: loss=\S+ grad_norm=\S+ is not finite", p.stderr), p.stderr[-3000:]
     assert f"Last good checkpoint: {last}" in p.stderr and "--resume=true" in p.stderr
-    assert names(common.list_checkpoints(out / "ckpt")) == ["step_0000001"] and not (out / "hf").exists()
+    assert names(checkpoints.list_checkpoints(out / "ckpt")) == ["step_0000001"] and not (out / "hf").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_torn_checkpoints_are_ignored_and_the_last_complete_one_is_resumed(d, tm
     ckpt = str(tmp_path / "ckpt")
     for step in (1, 2):
         train_step(model, opt, step)
-        common.save_train_checkpoint(ckpt, step, model, opt, d, {"step": step}, cfg, keep_last=5)
+        checkpoints.save_train_checkpoint(ckpt, step, model, opt, d, {"step": step}, cfg, keep_last=5)
     at_2 = full_weights(model)
     train_step(model, opt, 3)
     good = os.path.join(ckpt, "step_0000002")
@@ -201,8 +202,8 @@ def test_torn_checkpoints_are_ignored_and_the_last_complete_one_is_resumed(d, tm
     torn(5, lambda p: os.truncate(os.path.join(p, "__0_0.distcp"), 1000))        # shorter than recorded
     torn(6, lambda p: os.remove(os.path.join(p, "train_state_rank0.json")))      # a file missing
     torn(7, lambda p: os.truncate(os.path.join(p, "meta.json"), 20))             # meta.json cut short
-    assert names(common.list_checkpoints(ckpt)) == ["step_0000001", "step_0000002"]
-    assert not any(common.checkpoint_is_complete(os.path.join(ckpt, f"step_{s:07d}")) for s in range(4, 8))
+    assert names(checkpoints.list_checkpoints(ckpt)) == ["step_0000001", "step_0000002"]
+    assert not any(checkpoints.checkpoint_is_complete(os.path.join(ckpt, f"step_{s:07d}")) for s in range(4, 8))
 
     capsys.readouterr()
     step, last = common.start_or_resume(types.SimpleNamespace(out_dir=str(tmp_path), resume=True), model, opt, d)
@@ -218,14 +219,14 @@ def test_checkpoints_are_pruned_and_resumed_by_step_number_not_by_name(d, tmp_pa
     ckpt = str(tmp_path / "ckpt")
     # By name, "step_10000000" sorts before "step_9999998": pruning by name would delete the newest.
     for step in (9_999_998, 9_999_999, 10_000_000):
-        common.save_train_checkpoint(ckpt, step, model, opt, d, {"step": step}, cfg, keep_last=2)
+        checkpoints.save_train_checkpoint(ckpt, step, model, opt, d, {"step": step}, cfg, keep_last=2)
     assert sorted(os.listdir(ckpt)) == ["step_10000000", "step_9999999"]
-    assert names(common.list_checkpoints(ckpt)) == ["step_9999999", "step_10000000"]
+    assert names(checkpoints.list_checkpoints(ckpt)) == ["step_9999999", "step_10000000"]
     os.rename(os.path.join(ckpt, "step_9999999"), os.path.join(ckpt, "step_30"))  # a hand-renamed one
-    assert names(common.list_checkpoints(ckpt)) == ["step_30", "step_10000000"]
+    assert names(checkpoints.list_checkpoints(ckpt)) == ["step_30", "step_10000000"]
     step, last = common.start_or_resume(types.SimpleNamespace(out_dir=str(tmp_path), resume=True), model, opt, d)
     assert (step, last) == (10_000_000, os.path.join(ckpt, "step_10000000"))
-    assert [common.checkpoint_step(n) for n in ("step_0000200", "step_12.tmp", "stepx_3", "step_", "hf")] == \
+    assert [checkpoints.checkpoint_step(n) for n in ("step_0000200", "step_12.tmp", "stepx_3", "step_", "hf")] == \
         [200, None, None, None, None]
 
 
@@ -257,10 +258,10 @@ def test_sft_refuses_to_start_over_in_a_finished_run_and_overwrite_leaves_only_t
     data, out = tmp_path / "data", tmp_path / "out"
     write_random_shards(data)
     run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, ckpt_every=2, eval_every=0)])
-    assert names(common.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]
+    assert names(checkpoints.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]
     p = run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, max_steps=3)], check=False)
     assert p.returncode != 0 and "--overwrite=true" in p.stderr and "step_0000005" in p.stderr
-    assert names(common.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]  # untouched
+    assert names(checkpoints.list_checkpoints(out / "ckpt")) == ["step_0000004", "step_0000005"]  # untouched
     # Without the deletion, keep_checkpoints=2 would keep the old step 4 and 5 beside the new step 3, and a
     # --resume=true would continue the old run.
     run([sys.executable, "sft.py", *sft_args(data, out, tiny_tokenizer, max_steps=3, eval_every=0),
@@ -274,7 +275,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(d, tmp_path
     model, opt, cfg = tiny_run(d)
     ckpt = str(tmp_path / "ckpt")
     train_step(model, opt, 1)
-    first = common.save_train_checkpoint(ckpt, 1, model, opt, d, {"step": 1}, cfg)
+    first = checkpoints.save_train_checkpoint(ckpt, 1, model, opt, d, {"step": 1}, cfg)
     train_step(model, opt, 2)
 
     def full(*a):
@@ -286,14 +287,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(d, tmp_path
         real_replace = os.replace
         monkeypatch.setattr(os, "replace", lambda a, b: full() if b.endswith("meta.json") else real_replace(a, b))
     with pytest.raises(BaseException) as e:  # DCP wraps the OSError in a CheckpointException
-        common.save_train_checkpoint(ckpt, 2, model, opt, d, {"step": 2}, cfg)
+        checkpoints.save_train_checkpoint(ckpt, 2, model, opt, d, {"step": 2}, cfg)
     monkeypatch.undo()
     assert "No space left on device" in str(e.value)
     note = " ".join(getattr(e.value, "__notes__", []))
     assert f"checkpoint {os.path.join(ckpt, 'step_0000002')} was not written" in note
     assert f"the last complete checkpoint is {first}" in note
     assert os.listdir(ckpt) == ["step_0000001"]  # no torn step_0000002(.tmp) left to fill the disk
-    assert common.list_checkpoints(ckpt) == [first]
+    assert checkpoints.list_checkpoints(ckpt) == [first]
 
 
 def test_nonfinite_loss_or_gradient_stops_before_the_update(d):
@@ -358,7 +359,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary(tmp_path, monk
     small_model(0).save_pretrained(path, max_shard_bytes=20000)
     before = snapshot(path)
     assert len([f for f in before if f.endswith(".safetensors")]) == 2
-    real, calls = model_module.save_file, []
+    real, calls = weights.save_file, []
 
     def fail_after_first(*a, **kw):
         calls.append(1)
@@ -366,7 +367,7 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary(tmp_path, monk
             raise error
         return real(*a, **kw)
 
-    monkeypatch.setattr(model_module, "save_file", fail_after_first)
+    monkeypatch.setattr(weights, "save_file", fail_after_first)
     with pytest.raises(type(error)) as e:
         small_model(1).save_pretrained(path, max_shard_bytes=20000)
     assert f"export to {path} failed" in " ".join(e.value.__notes__) and len(calls) == 2

@@ -67,8 +67,8 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/ultrachat/clean.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.tokenizer import atomic_write, write_jsonl
-from data.ultrachat.prepare import BadRow, DataError, describe_file, iter_rows, parquet_rows
+from files import atomic_write, write_jsonl
+from data.ultrachat.prepare import BadRow, DataError, check_message, describe_file, iter_rows, parquet_rows
 
 DEFAULT_PHRASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "refusal_phrases.txt")
 KEEP_BAD_MESSAGES = 100  # the first bad-row messages are kept in the stats too
@@ -337,12 +337,7 @@ def to_messages(row):
             raise BadRow("messages_not_a_list", f"field 'messages': expected a list, got {type(raw).__name__}")
         messages = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict):
-                raise BadRow("bad_message", f"messages[{i}]: expected an object with 'role' and 'content', "
-                                            f"got {type(m).__name__}")
-            for field in ("role", "content"):
-                if m.get(field) is None:
-                    raise BadRow("missing_field", f"messages[{i}]['{field}'] missing")
+            check_message(i, m)
             if not isinstance(m["content"], str):
                 raise BadRow("turn_not_a_string", f"messages[{i}]['content']: expected a string, "
                                                   f"got {type(m['content']).__name__}")

@@ -60,7 +60,8 @@ import torch
 if __package__ in (None, ""):  # run as `python data/ultrachat/generate.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import common  # noqa: E402
-from data.tokenizer import write_jsonl  # noqa: E402
+import generation  # noqa: E402
+from files import check_utf8, parse_rows, write_json, write_jsonl  # noqa: E402
 from data.ultrachat import clean  # noqa: E402
 
 
@@ -175,22 +176,22 @@ def parse_seed_row(row, default_source):
         raise ValueError(f"'{kind}': expected a string, got {type(text).__name__}")
     if not text.strip():
         raise ValueError(f"'{kind}' is empty")
-    common.check_utf8(text, kind)
+    check_utf8(text, kind)
     sid = row.get("id")
     if sid is None:
         sid = hashlib.sha256(f"{kind}\n{text}".encode("utf-8")).hexdigest()[:16]
     elif isinstance(sid, bool) or not isinstance(sid, (str, int)) or sid == "":
         raise ValueError(f"'id': expected a non-empty string or an integer, got {sid!r:.40}")
     source = row.get("source") if isinstance(row.get("source"), str) else default_source
-    common.check_utf8(str(sid), "id")
-    common.check_utf8(source, "source")
+    check_utf8(str(sid), "id")
+    check_utf8(source, "source")
     return dict(seed_kind=kind, text=text, seed_id=str(sid), source=source)
 
 
 def read_seeds(path, openers_per_seed, strict=False, max_seeds=-1):
     """The dialogues to write, in input order (each with its `index` and `dialogue_id`), the number of seed rows,
     and one message per malformed row skipped."""
-    seeds, malformed = common.parse_rows(path, parse_seed_row, "seeds", strict, max_seeds)
+    seeds, malformed = parse_rows(path, parse_seed_row, "seeds", strict, max_seeds)
     dialogues = []
     for seed in seeds:
         for k in range(1 if seed["seed_kind"] == "prompt" else openers_per_seed):
@@ -199,8 +200,8 @@ def read_seeds(path, openers_per_seed, strict=False, max_seeds=-1):
 
 
 def rounds_planned(dialogue, cfg):
-    return random.Random(common.seed_of(cfg.seed, dialogue["dialogue_id"], "rounds")).randint(cfg.min_rounds,
-                                                                                              cfg.max_rounds)
+    return random.Random(generation.seed_of(cfg.seed, dialogue["dialogue_id"], "rounds")).randint(cfg.min_rounds,
+                                                                                                  cfg.max_rounds)
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def write_dialogues(batch, j, user, assistant, names, cfg, device):
 
     def call(role, chats, max_new_tokens, temperature, r, tag):
         nonlocal tokens
-        gen = torch.Generator(device=device).manual_seed(common.seed_of(cfg.seed, "generate", j, r, tag))
+        gen = torch.Generator(device=device).manual_seed(generation.seed_of(cfg.seed, "generate", j, r, tag))
         replies = role.generate(chats, max_new_tokens, temperature, cfg.top_p, gen)
         tokens += sum(x["tokens"] for x in replies)
         return replies
@@ -281,7 +282,7 @@ def ultrachat_row(messages):
 
 def merge(cfg, dialogues, n_seeds, malformed, run_stats):
     """Rank 0, after every rank is done: raw.jsonl, dialogues.jsonl, clean.jsonl (+ stats) and summary.json."""
-    raw = common.read_finished(cfg, dialogues, "dialogue_id")
+    raw = generation.read_finished(cfg, dialogues, "dialogue_id")
     rows = [ultrachat_row(r["messages"]) for r in raw if r["rounds"] > 0]
     write_jsonl(os.path.join(cfg.out_dir, "raw.jsonl"), raw)
     write_jsonl(os.path.join(cfg.out_dir, "dialogues.jsonl"), rows)
@@ -297,12 +298,12 @@ def merge(cfg, dialogues, n_seeds, malformed, run_stats):
         # clean.py's steps on our own output; a row it cannot read would be our bug, so it is not silenced.
         cleaned, stats = clean.clean_rows(rows, source=os.path.join(cfg.out_dir, "dialogues.jsonl"))
         write_jsonl(os.path.join(cfg.out_dir, "clean.jsonl"), cleaned)
-        common.write_json(os.path.join(cfg.out_dir, "clean.stats.json"), stats)
+        write_json(os.path.join(cfg.out_dir, "clean.stats.json"), stats)
         summary["clean"] = {k: stats[k] for k in ("rows_written", "turns_truecased", "refusal_removed",
                                                   "refusal_kept_because_asked", "duplicates_removed")}
         print(clean.summary(stats))
     summary.update(run_stats)
-    common.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
 
@@ -316,7 +317,7 @@ def check_config(cfg):
                 "max_attempts", "concurrency"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"config {key}: {getattr(cfg, key)} must be >= 1")
-    common.check_dtype(cfg)
+    generation.check_dtype(cfg)
     if cfg.openers_by not in ("user", "assistant"):
         raise ValueError(f"config openers_by: {cfg.openers_by!r}; choose user or assistant")
     if cfg.max_rounds < cfg.min_rounds:
@@ -328,7 +329,7 @@ def main(argv):
     check_config(cfg)
     specs = {}
     for role in ("assistant", "user"):
-        spec = common.parse_spec(getattr(cfg, role) or cfg.assistant, role)
+        spec = generation.parse_spec(getattr(cfg, role) or cfg.assistant, role)
         if spec["kind"] == "function":
             raise ValueError(f"config {role}: {spec['target']!r}: a role is a local directory or an endpoint, "
                              "not module:function")
@@ -348,7 +349,7 @@ def main(argv):
 
     def start_worker():
         loaded = {}  # one copy of a local model that plays both roles
-        user, assistant = (common.load_client(specs[role], cfg, d, loaded) for role in ("user", "assistant"))
+        user, assistant = (generation.load_client(specs[role], cfg, d, loaded) for role in ("user", "assistant"))
 
         def work(batch, j):
             t0 = time.time()
@@ -356,10 +357,11 @@ def main(argv):
             return records, tokens, time.time() - t0
         return work
 
-    totals = common.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue",
-                                 common.local_device(list(specs.values()), d))
+    totals = generation.run_in_parts(cfg, d, dialogues, "dialogue_id", RESUME_FREE, start_worker, "dialogue",
+                                     generation.local_device(list(specs.values()), d))
     if d.main:
-        s = merge(cfg, dialogues, n_seeds, malformed, common.run_stats(totals, time.time() - t_start, "dialogue"))
+        stats = generation.run_stats(totals, time.time() - t_start, "dialogue")
+        s = merge(cfg, dialogues, n_seeds, malformed, stats)
         print(f"{s['dialogues_written']} of {s['dialogues']} dialogues written ({s['rounds']} rounds; ended: "
               f"{', '.join(f'{k} {v}' for k, v in s['ended'].items())}); wrote {cfg.out_dir}/raw.jsonl, "
               f"dialogues.jsonl{', clean.jsonl' if cfg.clean else ''}, summary.json")

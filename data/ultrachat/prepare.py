@@ -157,6 +157,16 @@ def _parquet_rows(path):
 # -----------------------------------------------------------------------------
 # Checking and tokenizing one row
 
+def check_message(i, m):
+    """messages[i] is an object with a role and a content, else BadRow."""
+    if not isinstance(m, dict):
+        raise BadRow("bad_message", f"messages[{i}]: expected an object with 'role' and 'content', "
+                                    f"got {type(m).__name__}")
+    for field in ("role", "content"):
+        if m.get(field) is None:
+            raise BadRow("missing_field", f"messages[{i}]['{field}'] missing")
+
+
 def check_row(row):
     """The row's messages if it is a conversation we can train on, else raise BadRow saying why."""
     if not isinstance(row, dict):
@@ -169,12 +179,7 @@ def check_row(row):
     if not messages:
         raise BadRow("empty_conversation", "field 'messages' is an empty list")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise BadRow("bad_message", f"messages[{i}]: expected an object with 'role' and 'content', "
-                                        f"got {type(m).__name__}")
-        for field in ("role", "content"):
-            if m.get(field) is None:
-                raise BadRow("missing_field", f"messages[{i}]['{field}'] missing")
+        check_message(i, m)
         if m["role"] not in ROLES:
             raise BadRow("unknown_role", f"messages[{i}]['role']: expected one of {', '.join(ROLES)}, "
                                          f"got {str(m['role'])[:40]!r}")
@@ -223,6 +228,17 @@ def load_tokenizer(path):
         raise DataError(str(e)) from None
 
 
+def open_inputs(files, tokenizer_path):
+    """Fail on a missing input file before any work; then (tokenizer, what the split's json records of it and of
+    each input file)."""
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+    tok = load_tokenizer(tokenizer_path)
+    tokenizer_info = describe_file(tok.model_path) | {"legacy": tok.legacy, "vocab_size": tok.vocab_size}
+    return tok, tokenizer_info, [describe_file(p) for p in files]
+
+
 def describe_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -249,12 +265,7 @@ def prepare(files, tokenizer_path, out_dir, split, strict=False, max_examples=No
     workers > 1 starts processes with spawn, which re-imports the calling script: call it from under
     `if __name__ == "__main__":`.
     """
-    for path in files:  # fail on a missing file before any work
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
-    tok = load_tokenizer(tokenizer_path)
-    tokenizer_info = describe_file(tok.model_path) | {"legacy": tok.legacy, "vocab_size": tok.vocab_size}
-    sources = [describe_file(p) for p in files]
+    tok, tokenizer_info, sources = open_inputs(files, tokenizer_path)
 
     bad, rows_read, n_written = BadRows(strict), 0, 0
     # spawn, not fork: the parent may hold threads (pyarrow's pool, tqdm's monitor), which fork does not copy.

@@ -57,10 +57,11 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/ultrafeedback/prepare.py`: make `data` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from files import atomic_write
 from data.shards import ShardWriter
-from data.tokenizer import Tokenizer, atomic_write, check_messages
-from data.ultrachat.prepare import (BLOCK, BadRow, BadRows, DataError, describe_file, hub_files,
-                                    iter_rows, load_tokenizer, parquet_rows)
+from data.tokenizer import Tokenizer, check_messages
+from data.ultrachat.prepare import (BLOCK, BadRow, BadRows, DataError, hub_files, iter_rows,
+                                    open_inputs, parquet_rows)
 
 COLUMNS = ("prompt_id", "chosen", "rejected", "score_chosen", "score_rejected")
 
@@ -203,12 +204,7 @@ def prepare(files, tokenizer_path, out_dir, split, max_prompt_length=512, max_le
     if not 1 <= max_prompt_length < max_length:
         raise ValueError(f"max_prompt_length, max_length: expected 1 <= max_prompt_length < max_length, "
                          f"got {max_prompt_length}, {max_length}")
-    for path in files:  # fail on a missing file before any work
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
-    tok = load_tokenizer(tokenizer_path)
-    tokenizer_info = describe_file(tok.model_path) | {"legacy": tok.legacy, "vocab_size": tok.vocab_size}
-    sources = [describe_file(p) for p in files]
+    tok, tokenizer_info, sources = open_inputs(files, tokenizer_path)
 
     bad, rows_read = BadRows(strict), 0
     prompt_ids, score_sums, truncated = [], np.zeros(2), Counter(prompt=0, chosen=0, rejected=0)
