@@ -114,9 +114,11 @@ tiny_ablation() {
     ev_extra=(--max_new_tokens=24)
   fi
 
-  say "ablation 1/4: dDPO without dSFT: the same pairs, from the base model"
+  say "ablation 1/4: dDPO without dSFT: the same pairs, from the base model, with our NLL term and without (the paper's loss)"
   run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/base/hf" --data_dir="$out/data/pairs" \
       --out_dir="$out/dpo_from_base" --overwrite=true "${dpo_extra[@]}"
+  run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/base/hf" --data_dir="$out/data/pairs" \
+      --rpo_alpha=0 --out_dir="$out/dpo_from_base_plain" --overwrite=true "${dpo_extra[@]}"
 
   say "ablation 2/4: dSFT + SFT on the chosen answers of the same pairs (the DPO run's NLL term alone)"
   run python data/tiny/report.py chosen "$out/data/pairs_jsonl" "$out/data/chosen_jsonl"
@@ -133,10 +135,12 @@ tiny_ablation() {
   say "ablation 4/4: evaluate the other models on the same held-out prompts; the table"
   evaluate base base
   evaluate dpo_from_base dpo_from_base
+  evaluate dpo_from_base_plain dpo_from_base_plain
   evaluate sft_chosen sft_chosen
   evaluate dpo2 dpo2
   run python data/tiny/report.py ablation "$out" --seconds "$(( $(date +%s) - start ))" \
-      --rows "base=eval_base" "dDPO without dSFT=eval_dpo_from_base" "dSFT=eval_sft" \
+      --rows "base=eval_base" "dDPO without dSFT, plain=eval_dpo_from_base_plain" \
+      "dDPO without dSFT=eval_dpo_from_base" "dSFT=eval_sft" \
       "dSFT + SFT on chosen=eval_sft_chosen" "dSFT + dDPO=eval_dpo" "dSFT + dDPO, round 2=eval_dpo2"
 }
 

@@ -8,7 +8,7 @@ import subprocess
 from conftest import ROOT, read_jsonl
 
 
-ABLATION_ROWS = ["base", "dDPO without dSFT", "dSFT", "dSFT + SFT on chosen", "dSFT + dDPO", "dSFT + dDPO, round 2"]
+ABLATION_ROWS = ["base", "dDPO without dSFT, plain", "dDPO without dSFT", "dSFT", "dSFT + SFT on chosen", "dSFT + dDPO", "dSFT + dDPO, round 2"]
 
 
 def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
@@ -18,7 +18,7 @@ def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
 
-    for stage in ("base", "sft", "dpo", "dpo_from_base", "sft_chosen", "dpo2"):
+    for stage in ("base", "sft", "dpo", "dpo_from_base", "dpo_from_base_plain", "sft_chosen", "dpo2"):
         hf = out / stage / "hf"
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json", "train_config.json"} <= set(os.listdir(hf))
