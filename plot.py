@@ -1,13 +1,15 @@
 """Pictures of a run: training curves from metrics.jsonl files and the tiny ablation's scores, as PNG files.
 
     python plot.py out/tiny-ablation                 # every stage under the run directory, and its ablation summary
+    python plot.py out/tiny-ablation out/tiny-ablation-s1 out/tiny-ablation-s2 --out plots/   # three seeds
     python plot.py out/zephyr-7b/sft out/zephyr-7b/dpo --out plots/
     pip install matplotlib                           # the one extra dependency; nothing else imports it
 
 Writes into --out (default: the first directory given, under plots/):
     sft_loss.png       per SFT-shaped stage (sft.py: base, dSFT, SFT on chosen): train loss and eval loss by step
     dpo_rewards.png    per DPO stage (dpo.py): rewards/margins and rewards/accuracies, train and eval, by step
-    ablation.png       summary.json's rows (run.sh tiny-ablation): score per model, bars with 95% intervals
+    ablation.png       summary.json's rows (run.sh tiny-ablation): score per model, bars with 95% intervals; with
+                       several run directories (seeds), one bar per run in each model's group
 
 A directory counts as a stage when it holds metrics.jsonl (common.Logger writes one row per step, evaluations
 on the same row as eval_*); a run directory is searched one level down. Runtime imports: the standard library,
@@ -61,17 +63,18 @@ def kind(rows):
 
 
 def ablation_rows(paths):
-    """The rows of the first summary.json among `paths` that has ablation rows, or []."""
+    """[(directory, rows)] for each of `paths` whose summary.json has ablation rows (one per seed, say)."""
+    found = []
     for path in paths:
         f = os.path.join(path, "summary.json")
         if os.path.isfile(f):
             summary = json.load(open(f))
             if isinstance(summary.get("rows"), list):
-                return summary["rows"]
-    return []
+                found.append((os.path.basename(path.rstrip("/")), summary["rows"]))
+    return found
 
 
-def draw(stages, rows, out_dir):
+def draw(stages, runs, out_dir):
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -109,16 +112,23 @@ def draw(stages, rows, out_dir):
         fig.tight_layout()
         written.append(_save(fig, out_dir, "dpo_rewards.png", plt))
 
-    if rows:
-        fig, ax = plt.subplots(figsize=(1.5 * len(rows) + 2, 3.8))
-        scores = [r["score"] for r in rows]
-        lo = [r["score"] - r["score_ci95"][0] for r in rows]
-        hi = [r["score_ci95"][1] - r["score"] for r in rows]
-        ax.bar(range(len(rows)), scores, yerr=[lo, hi], capsize=4, color=[f"C{i}" for i in range(len(rows))])
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([r["name"].replace(" + ", "\n+ ") for r in rows], fontsize=8)
-        ax.set_ylabel(f"tasks' judge score ({rows[0]['n']} prompts)")
-        ax.set_title("tiny ablation: score and 95% bootstrap interval")
+    if runs:  # one group of bars per model, one bar per run (seed), each with its interval
+        names = [r["name"] for r in runs[0][1]]
+        width = 0.8 / len(runs)
+        fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 4))
+        for j, (label, rows) in enumerate(runs):
+            by_name = {r["name"]: r for r in rows}
+            xs = [i - 0.4 + width * (j + 0.5) for i, n in enumerate(names) if n in by_name]
+            got = [by_name[n] for n in names if n in by_name]
+            ax.bar(xs, [r["score"] for r in got], width,
+                   yerr=[[r["score"] - r["score_ci95"][0] for r in got], [r["score_ci95"][1] - r["score"] for r in got]],
+                   capsize=3, label=label, color=f"C{j}")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.replace(" + ", "\n+ ").replace(", ", ",\n") for n in names], fontsize=8)
+        ax.set_ylabel(f"tasks' judge score ({runs[0][1][0]['n']} prompts)")
+        ax.set_title("tiny ablation: score and 95% bootstrap interval over the prompts")
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out_dir, "ablation.png", plt))
     return written
@@ -141,11 +151,11 @@ def main(argv=None):
     for path in a.paths:
         if not os.path.isdir(path):
             p.error(f"{path}: not a directory")
-    stages, rows = find_stages(a.paths), ablation_rows(a.paths)
-    if not stages and not rows:
+    stages, runs = find_stages(a.paths), ablation_rows(a.paths)
+    if not stages and not runs:
         p.error(f"{', '.join(a.paths)}: no metrics.jsonl in them or one level down, and no summary.json with rows")
     try:
-        written = draw(stages, rows, a.out or os.path.join(a.paths[0], "plots"))
+        written = draw(stages, runs, a.out or os.path.join(a.paths[0], "plots"))
     except ImportError:
         sys.exit("plot.py: needs matplotlib (pip install matplotlib); the training scripts never import it")
     print("\n".join(f"wrote {w}" for w in written))

@@ -323,8 +323,11 @@ def test_plot_reads_training_curves_and_draws_them(tmp_path):
     assert plot.series(names["sft"], "eval_loss") == ([2], [2.25])
     assert plot.series(names["dpo"], "eval_rewards/margins") == ([1], [0.25])
     pytest.importorskip("matplotlib")
-    rows = [{"name": "dSFT", "score": 0.3, "score_ci95": [0.25, 0.35], "n": 500}]
-    written = plot.draw(stages, rows, str(tmp_path / "plots"))
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": [{"name": "dSFT", "score": 0.3,
+                                                                  "score_ci95": [0.25, 0.35], "n": 500}]}))
+    runs = plot.ablation_rows([str(tmp_path), str(sft)])
+    assert runs == [(tmp_path.name, [{"name": "dSFT", "score": 0.3, "score_ci95": [0.25, 0.35], "n": 500}])]
+    written = plot.draw(stages, runs, str(tmp_path / "plots"))
     assert sorted(os.path.basename(w) for w in written) == ["ablation.png", "dpo_rewards.png", "sft_loss.png"]
     for w in written:
         assert open(w, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
