@@ -70,7 +70,11 @@ def ablation_rows(paths):
         if os.path.isfile(f):
             summary = json.load(open(f))
             if isinstance(summary.get("rows"), list):
-                found.append((os.path.basename(path.rstrip("/")), summary["rows"]))
+                label = os.path.basename(path.rstrip("/"))
+                meta = os.path.join(path, "data", "tiny.json")  # a tiny run: label it by its seed
+                if os.path.isfile(meta):
+                    label = f"seed {json.load(open(meta))['seed']}"
+                found.append((label, summary["rows"]))
     return found
 
 
