@@ -2,11 +2,13 @@
 # The whole Zephyr pipeline: dSFT -> AI feedback -> dDPO -> evaluation (MT-Bench, AlpacaEval).
 #
 #   bash run.sh tiny        every stage on 2 CPU cores in minutes, on generated checkable tasks (data/tiny)
+#   bash run.sh tiny-ablation   tiny, then the paper's ablation (Table 3) in miniature: base, dDPO without dSFT,
+#                           dSFT, dSFT + SFT on chosen, dSFT + dDPO, dSFT + dDPO round 2 (README "Ablation")
 #   bash run.sh zephyr-7b   the public zephyr-7b recipe (config/sft_public.json, config/dpo_public.json) on a GPU
 #                           node, paths from the environment (below); the paper's recipe is the defaults of
 #                           sft.py's and dpo.py's Config (global batch 512 / 32, 3 DPO epochs at beta 0.1)
 #
-# Environment: SEED (tiny, default 0), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root),
+# Environment: SEED (tiny, default 0), N_BASE / N_SFT (tiny: base-text documents / SFT examples), NPROC (ranks per node; tiny: 2, zephyr-7b: all GPUs), OUT (output root),
 # LORA (tiny: adapter rank for dSFT and dDPO; 0 = full fine-tuning, the default);
 # zephyr-7b's evaluation: JUDGE, MT_BENCH_DIR, ALPACA_EVAL_DIR, ALPACA_BASELINE (see zephyr_7b below).
 set -euo pipefail
@@ -24,9 +26,10 @@ tiny() {
   # Ranks share the cores: one thread each.
   export OMP_NUM_THREADS=$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))
   # QUICK=1 (the CI test) shortens every stage; the numbers are then meaningless, the plumbing is not.
-  local sft_extra=() fb_extra=() dpo_extra=() ev_extra=() data_extra=()
+  local base_extra=() sft_extra=() fb_extra=() dpo_extra=() ev_extra=() data_extra=()
   if [ "${QUICK:-0}" = 1 ]; then
-    data_extra=(--n_sft 2000 --n_sft_test 64 --n_feedback 64 --n_eval 32)
+    data_extra=(--n_sft 2000 --n_sft_test 64 --n_feedback 64 --n_eval 32 --n_base 2000 --n_base_test 64)
+    base_extra=(--max_steps=20 --eval_every=10 --ckpt_every=10)
     sft_extra=(--max_steps=30 --eval_every=15 --ckpt_every=15)
     fb_extra=(--answers_per_member=4 --max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)
     dpo_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
@@ -39,43 +42,106 @@ tiny() {
     dpo_extra+=(--lora_rank="$LORA" ${LORA_DPO_ARGS:-})
   fi
 
-  say "1/6 data: generated tasks, tokenizer, SFT shards"
-  run python data/tiny/prepare.py --out "$out/data" --seed "$seed" "${data_extra[@]}"
+  say "1/7 data: generated tasks, tokenizer, base-text and SFT shards"
+  run python data/tiny/prepare.py --out "$out/data" --seed "$seed" --n_base "${N_BASE:-40000}" \
+      --n_sft "${N_SFT:-20000}" "${data_extra[@]}"
+  run python data/ultrachat/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/base" \
+      --train "$out/data/base_train.jsonl" --test "$out/data/base_test.jsonl"
   run python data/ultrachat/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/sft" \
       --train "$out/data/sft_train.jsonl" --test "$out/data/sft_test.jsonl"
 
-  say "2/6 dSFT of a tiny Mistral from random init"
-  run "${tr[@]}" sft.py config/sft_tiny.json --seed="$seed" --tokenizer="$out/data/tokenizer.model" \
+  say "2/7 base model: pre-train a tiny Mistral from random init on plain text of the task world, loss on every token"
+  run "${tr[@]}" sft.py config/base_tiny.json --seed="$seed" --tokenizer="$out/data/tokenizer.model" \
+      --data_dir="$out/data/base" --out_dir="$out/base" --overwrite=true "${base_extra[@]}"
+
+  say "3/7 dSFT from the base model"
+  run "${tr[@]}" sft.py config/sft_tiny.json --seed="$seed" --init_from="$out/base/hf" \
       --data_dir="$out/data/sft" --out_dir="$out/sft" --overwrite=true "${sft_extra[@]}"
 
-  say "3/6 AI feedback: the SFT model samples answers, the tasks' judge rates them, binarization"
-  run "${tr[@]}" feedback.py config/feedback_tiny.json --seed="$seed" --prompts="$out/data/feedback_prompts.jsonl" \
-      --models="$out/sft/hf" --out_dir="$out/feedback" --resume=false "${fb_extra[@]}"
-  run python data/tiny/report.py split "$out/feedback/pairs.jsonl" "$out/data/pairs_jsonl"
-  run python data/ultrafeedback/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/pairs" \
-      --train "$out/data/pairs_jsonl/train.jsonl" --test "$out/data/pairs_jsonl/test.jsonl" \
-      --max_prompt_length 128 --max_length 256
+  say "4/7 AI feedback: the SFT model samples answers, the tasks' judge rates them, binarization"
+  feedback_pairs "$out/sft/hf" feedback pairs
 
-  say "4/6 dDPO from the SFT model"
+  say "5/7 dDPO from the SFT model"
   run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/sft/hf" --data_dir="$out/data/pairs" \
       --out_dir="$out/dpo" --overwrite=true "${dpo_extra[@]}"
 
-  say "5/6 evaluation with eval.py: both models answer the held-out prompts greedily, the tasks' judge grades them"
+  say "6/7 evaluation with eval.py: both models answer the held-out prompts greedily, the tasks' judge grades them"
   # The held-out prompts as one-turn MT-Bench questions, graded through eval.py's single-v1 prompt by the tasks'
   # judge (data/tiny/report.py); then AlpacaEval's procedure head to head, DPO's answers against SFT's.
   run python data/tiny/report.py questions "$out/data/eval_prompts.jsonl" "$out/data/eval_questions.jsonl"
-  for stage in sft dpo; do
-    run "${tr[@]}" eval.py config/eval_tiny.json --questions="$out/data/eval_questions.jsonl" \
-        --model="$out/$stage/hf" --model_id="tiny-$stage" --out_dir="$out/eval_$stage" --resume=false "${ev_extra[@]}"
-    run python data/tiny/report.py outputs "$out/eval_$stage/answers.jsonl" "$out/data/eval_questions.jsonl" \
-        "$out/eval_$stage/model_outputs.json"
-  done
+  evaluate sft sft
+  evaluate dpo dpo
   run python eval.py --bench=alpaca_eval --instructions="$out/eval_sft/model_outputs.json" \
       --baseline="$out/eval_sft/model_outputs.json" --answers="$out/eval_dpo/model_outputs.json" \
       --judge=data.tiny.report:pairwise_judge --out_dir="$out/eval_dpo_vs_sft" --resume=false
 
-  say "6/6 summary"
+  say "7/7 summary"
   run python data/tiny/report.py summary "$out" --seconds "$(( $(date +%s) - start ))"
+}
+
+# AI feedback from one model (MODEL_DIR) on the feedback prompts into $out/FEEDBACK, its pairs split and
+# tokenized into $out/data/PAIRS. Needs tiny's locals (out, seed, tr, fb_extra).
+feedback_pairs() {
+  local model="$1" fb="$2" pairs="$3"
+  run "${tr[@]}" feedback.py config/feedback_tiny.json --seed="$seed" --prompts="$out/data/feedback_prompts.jsonl" \
+      --models="$model" --out_dir="$out/$fb" --resume=false "${fb_extra[@]}"
+  run python data/tiny/report.py split "$out/$fb/pairs.jsonl" "$out/data/${pairs}_jsonl"
+  run python data/ultrafeedback/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/$pairs" \
+      --train "$out/data/${pairs}_jsonl/train.jsonl" --test "$out/data/${pairs}_jsonl/test.jsonl" \
+      --max_prompt_length 128 --max_length 256
+}
+
+# Greedy answers of $out/STAGE/hf to the held-out prompts, judged (eval.py) into $out/eval_NAME.
+evaluate() {
+  local name="$1" stage="$2"
+  run "${tr[@]}" eval.py config/eval_tiny.json --questions="$out/data/eval_questions.jsonl" \
+      --model="$out/$stage/hf" --model_id="tiny-$name" --out_dir="$out/eval_$name" --resume=false "${ev_extra[@]}"
+  run python data/tiny/report.py outputs "$out/eval_$name/answers.jsonl" "$out/data/eval_questions.jsonl" \
+      "$out/eval_$name/model_outputs.json"
+}
+
+# tiny, then the other rows of the paper's Table 3, reusing tiny's base, dSFT, AI feedback and dDPO.
+tiny_ablation() {
+  OUT="${OUT:-out/tiny-ablation}"
+  tiny
+  local seed="${SEED:-0}" nproc="${NPROC:-2}" out="$OUT"
+  local tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  local fb_extra=() dpo_extra=() ev_extra=() chosen_extra=()
+  if [ "${QUICK:-0}" = 1 ]; then
+    fb_extra=(--answers_per_member=4 --max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)
+    dpo_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
+    chosen_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
+    ev_extra=(--max_new_tokens=24)
+  fi
+
+  say "ablation 1/4: dDPO without dSFT: the same pairs, from the base model, with our NLL term and without (the paper's loss)"
+  run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/base/hf" --data_dir="$out/data/pairs" \
+      --out_dir="$out/dpo_from_base" --overwrite=true "${dpo_extra[@]}"
+  run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/base/hf" --data_dir="$out/data/pairs" \
+      --rpo_alpha=0 --out_dir="$out/dpo_from_base_plain" --overwrite=true "${dpo_extra[@]}"
+
+  say "ablation 2/4: dSFT + SFT on the chosen answers of the same pairs (the DPO run's NLL term alone)"
+  run python data/tiny/report.py chosen "$out/data/pairs_jsonl" "$out/data/chosen_jsonl"
+  run python data/ultrachat/prepare.py --tokenizer "$out/data/tokenizer.model" --out "$out/data/chosen" \
+      --train "$out/data/chosen_jsonl/train.jsonl" --test "$out/data/chosen_jsonl/test.jsonl"
+  run "${tr[@]}" sft.py config/sft_chosen_tiny.json --seed="$seed" --init_from="$out/sft/hf" \
+      --data_dir="$out/data/chosen" --out_dir="$out/sft_chosen" --overwrite=true "${chosen_extra[@]}"
+
+  say "ablation 3/4: round 2: AI feedback on the DPO model's own samples, then DPO again from it"
+  feedback_pairs "$out/dpo/hf" feedback2 pairs2
+  run "${tr[@]}" dpo.py config/dpo_tiny.json --seed="$seed" --init_from="$out/dpo/hf" --data_dir="$out/data/pairs2" \
+      --out_dir="$out/dpo2" --overwrite=true "${dpo_extra[@]}"
+
+  say "ablation 4/4: evaluate the other models on the same held-out prompts; the table"
+  evaluate base base
+  evaluate dpo_from_base dpo_from_base
+  evaluate dpo_from_base_plain dpo_from_base_plain
+  evaluate sft_chosen sft_chosen
+  evaluate dpo2 dpo2
+  run python data/tiny/report.py ablation "$out" --seconds "$(( $(date +%s) - start ))" \
+      --rows "base=eval_base" "dDPO without dSFT, plain=eval_dpo_from_base_plain" \
+      "dDPO without dSFT=eval_dpo_from_base" "dSFT=eval_sft" \
+      "dSFT + SFT on chosen=eval_sft_chosen" "dSFT + dDPO=eval_dpo" "dSFT + dDPO, round 2=eval_dpo2"
 }
 
 zephyr_7b() {
@@ -134,6 +200,7 @@ zephyr_7b() {
 
 case "$recipe" in
   tiny) tiny ;;
+  tiny-ablation) tiny_ablation ;;
   zephyr-7b) zephyr_7b ;;
-  *) echo "usage: bash run.sh tiny | zephyr-7b" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh tiny | tiny-ablation | zephyr-7b" >&2; exit 2 ;;
 esac

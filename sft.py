@@ -5,7 +5,8 @@
     python sft.py config/sft_tiny.json          # one process, CPU
 
 Data: the output of data/ultrachat/prepare.py (token ids + assistant-token loss masks), packed once into rows of
-seq_len tokens (best-fit decreasing), visited in a new order each epoch in whole global batches.
+seq_len tokens (best-fit decreasing), visited in a new order each epoch in whole global batches. Plain-text rows
+(`text`) come with a loss mask of all ones, so the same script pre-trains a base model (run.sh tiny, step 2).
 """
 
 import bisect

@@ -1,5 +1,6 @@
-# run.sh tiny, shortened (QUICK=1): every stage runs under torchrun with 2 ranks and writes what the next
-# stage and the user read. The numbers of a seconds-long run mean nothing; the files and schemas do.
+# run.sh tiny-ablation, shortened (QUICK=1): run.sh tiny (base, dSFT, AI feedback, dDPO, evaluation), then the
+# ablation's other rows; every stage runs under torchrun with 2 ranks and writes what the next stage and the user
+# read. The numbers of a seconds-long run mean nothing; the files and schemas do.
 import json
 import os
 import subprocess
@@ -7,13 +8,17 @@ import subprocess
 from conftest import ROOT, read_jsonl
 
 
-def test_quick_tiny_pipeline_writes_every_stage_output(tmp_path):
+ABLATION_ROWS = ["base", "dDPO without dSFT, plain", "dDPO without dSFT", "dSFT", "dSFT + SFT on chosen", "dSFT + dDPO", "dSFT + dDPO, round 2"]
+
+
+def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
     out = tmp_path / "tiny"
     env = {**os.environ, "QUICK": "1", "OUT": str(out), "SEED": "1"}
-    p = subprocess.run(["bash", "run.sh", "tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(["bash", "run.sh", "tiny-ablation"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
 
-    for stage in ("sft", "dpo"):
+    for stage in ("base", "sft", "dpo", "dpo_from_base", "dpo_from_base_plain", "sft_chosen", "dpo2"):
         hf = out / stage / "hf"
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json", "train_config.json"} <= set(os.listdir(hf))
@@ -31,7 +36,22 @@ def test_quick_tiny_pipeline_writes_every_stage_output(tmp_path):
         assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][-1]["role"] == "assistant"
         assert row["score_chosen"] > row["score_rejected"]
 
+    # The base model started dSFT: its trained on every token of the plain text, dSFT on the assistant tokens only.
+    assert json.load(open(out / "sft" / "hf" / "train_config.json"))["init_from"] == str(out / "base" / "hf")
+    base_info = json.load(open(out / "data" / "base" / "train.json"))
+    assert base_info["n_loss_tokens"] == base_info["n_tokens"] > 0
+    assert {r["prompt_id"] for r in read_jsonl(out / "data" / "chosen_jsonl" / "train.jsonl")} == \
+        {r["prompt_id"] for r in read_jsonl(out / "data" / "pairs_jsonl" / "train.jsonl")}
+
     summary = json.load(open(out / "summary.json"))
-    assert {"sft_score", "dpo_score", "dpo_eval_reward_accuracy", "n_eval_prompts", "seconds"} <= set(summary)
-    assert summary["n_eval_prompts"] == 32 and 0 <= summary["sft_score"] <= 1 and 0 <= summary["dpo_score"] <= 1
-    assert "judge score" in p.stdout
+    tiny = summary["tiny"]  # run.sh tiny's own summary, kept inside the ablation's
+    assert {"sft_score", "dpo_score", "dpo_eval_reward_accuracy", "n_eval_prompts", "seconds"} <= set(tiny)
+    assert tiny["n_eval_prompts"] == 32 and 0 <= tiny["sft_score"] <= 1 and 0 <= tiny["dpo_score"] <= 1
+    assert [r["name"] for r in summary["rows"]] == ABLATION_ROWS
+    for row in summary["rows"]:
+        assert row["n"] == 32 and row["score_ci95"][0] <= row["score"] <= row["score_ci95"][1]
+        assert abs(sum(row[f"{k}_rate"] for k in ("correct", "disclaimer", "refusal", "format_slip", "wrong")) - 1) < 1e-9
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["dSFT"]["score"] == tiny["sft_score"] and rows["dSFT + dDPO"]["score"] == tiny["dpo_score"]
+    assert summary["seconds"] >= tiny["seconds"]
+    assert "judge score" in p.stdout and "dSFT + dDPO, round 2" in p.stdout

@@ -198,3 +198,136 @@ def test_committed_sample_matches_the_generator():
     path = os.path.join(os.path.dirname(prepare.__file__), "sample.jsonl")
     expected = [prepare.sft_row(*e) for e in prepare.generate(0, n_sft=prepare.SAMPLE_ROWS)["sft_train"]]
     assert read_jsonl(path) == expected
+
+
+# -----------------------------------------------------------------------------
+# The base model's plain text (run.sh tiny, step 2/7)
+
+BASE_SIZES = dict(SIZES, n_base=400, n_base_test=50)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_base")
+    prepare.write_all(str(out), seed=0, **BASE_SIZES)
+    return out
+
+
+def test_base_text_is_clean_task_world_text_without_held_out_prompts(base_dir):
+    held_out = {r["instruction"] for name in ("feedback_prompts", "eval_prompts")
+                for r in read_jsonl(base_dir / f"{name}.jsonl")}
+    held_out |= {r["prompt"] for r in read_jsonl(base_dir / "sft_test.jsonl")}
+    n_task_passages = 0
+    for name, n in (("base_train", BASE_SIZES["n_base"]), ("base_test", BASE_SIZES["n_base_test"])):
+        rows = read_jsonl(base_dir / f"{name}.jsonl")
+        assert len(rows) == n and all(set(r) == {"text"} for r in rows)
+        for row in rows:
+            assert "<|" not in row["text"] and "</s>" not in row["text"]  # no chat template
+            passages = row["text"].split("\n\n")
+            assert 1 <= len(passages) <= 4
+            for passage in passages:
+                prompt, _, answer = passage.partition("\n")
+                try:
+                    parse_prompt(prompt)
+                except ValueError:
+                    continue  # the generator's other text
+                n_task_passages += 1
+                assert prompt not in held_out
+                assert classify(prompt, answer) == "correct", passage  # the teacher's noise is not in it
+    assert n_task_passages > 0.6 * 2.5 * (BASE_SIZES["n_base"] + BASE_SIZES["n_base_test"])  # ~75% of ~2.5 per row
+    assert json.loads((base_dir / "tiny.json").read_text())["n_base"] == BASE_SIZES["n_base"]
+
+
+def test_text_rows_tokenize_with_loss_on_every_token(base_dir, tmp_path):
+    from data.shards import Shards
+    from data.ultrachat import prepare as prepare_chats
+    rows = read_jsonl(base_dir / "base_test.jsonl")[:20]
+    chat = read_jsonl(base_dir / "sft_test.jsonl")[0]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows + [chat, {"text": ""}, {"text": 3}]))
+    info = prepare_chats.prepare([str(src)], str(base_dir / "tokenizer.model"), str(tmp_path / "out"), "train")
+    assert info["bad_rows"] == {"bad_text": 2}
+    shards = Shards(str(tmp_path / "out"), "train")
+    assert len(shards) == len(rows) + 1
+    tok = Tokenizer(str(base_dir / "tokenizer.model"))
+    for i, row in enumerate(rows):
+        ids, mask = shards[i]
+        assert ids.tolist() == [tok.bos_id] + tok.encode(row["text"]) + [tok.eos_id]
+        assert mask.tolist() == [1] * len(ids)
+    ids, mask = shards[len(rows)]  # a chat row beside them keeps its assistant-only mask
+    assert (ids.tolist(), mask.tolist()) == tuple(map(list, tok.encode_chat(chat["messages"])))
+
+
+# -----------------------------------------------------------------------------
+# The ablation table (data/tiny/report.py ablation) and the pictures (plot.py)
+
+def fake_eval(run_dir, name, questions_path, answers):
+    d = run_dir / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"questions": str(questions_path)}))
+    (d / "answers.jsonl").write_text("".join(json.dumps({"question_id": i + 1, "model_id": name,
+                                                         "choices": [{"index": 0, "turns": [a]}]}) + "\n"
+                                             for i, a in enumerate(answers)))
+    prompts = [json.loads(line)["turns"][0] for line in open(questions_path)]
+    scores = [judge(p, a) for p, a in zip(prompts, answers)]
+    (d / "summary.json").write_text(json.dumps({"score": sum(scores) / len(scores), "n_failed": 0}))
+
+
+def test_ablation_intervals_match_the_normal_approximation(tmp_path):
+    import math
+    from data.tiny import report
+    rng = random.Random(3)
+    tasks = [make_task(rng) for _ in range(400)]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i + 1, "turns": [t["prompt"]]}) + "\n"
+                                 for i, t in enumerate(tasks)))
+    # Row a: 100 of 400 right (score 0.25); row b: the same answers plus 40 more right; row c: a's answers.
+    a = [t["answer"] if i % 4 == 0 else "I'm sorry, I can't help with that." for i, t in enumerate(tasks)]
+    b = [t["answer"] if i % 4 == 0 or i % 10 == 1 else x for i, (t, x) in enumerate(zip(tasks, a))]
+    for name, answers in (("eval_a", a), ("eval_b", b), ("eval_c", a)):
+        fake_eval(tmp_path, name, questions, answers)
+    (tmp_path / "summary.json").write_text(json.dumps({"sft_score": 0.25}))
+    out = report.ablation(str(tmp_path), 12.0, [("dSFT", "eval_a"), ("better", "eval_b"), ("same", "eval_c")])
+    rows = {r["name"]: r for r in out["rows"]}
+    assert rows["dSFT"]["score"] == 0.25 and rows["better"]["score"] == 0.35 and rows["dSFT"]["refusal_rate"] == 0.75
+    for name, p in (("dSFT", 0.25), ("better", 0.35)):
+        half = 1.96 * math.sqrt(p * (1 - p) / 400)  # the normal approximation of the percentile interval
+        lo, hi = rows[name]["score_ci95"]
+        assert abs(lo - (p - half)) < 0.01 and abs(hi - (p + half)) < 0.01, (name, lo, hi)
+    # Paired: b - a is 0.1 on 40 prompts in 400 (a sum of 0/1 differences), a's rerun differs by exactly 0.
+    assert abs(rows["better"]["minus_dSFT"] - 0.1) < 1e-12
+    lo, hi = rows["better"]["minus_dSFT_ci95"]
+    half = 1.96 * math.sqrt(0.1 * 0.9 / 400)
+    assert abs(lo - (0.1 - half)) < 0.01 and abs(hi - (0.1 + half)) < 0.01
+    assert rows["same"]["minus_dSFT_ci95"] == [0.0, 0.0]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["rows"] == out["rows"] and saved["tiny"] == {"sft_score": 0.25} and saved["seconds"] == 12.0
+
+
+def test_plot_reads_training_curves_and_draws_them(tmp_path):
+    import plot
+    sft, dpo = tmp_path / "sft", tmp_path / "dpo"
+    sft.mkdir(), dpo.mkdir()
+    (sft / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "eval_loss": 2.5},
+        {"step": 2, "loss": 1.5, "eval_loss": 2.25}]))  # a resumed run rewrote step 2
+    (dpo / "metrics.jsonl").write_text(json.dumps({"step": 1, "rewards/margins": 0.5, "rewards/accuracies": 0.75,
+                                                   "eval_rewards/margins": 0.25}) + "\n")
+    (tmp_path / "eval_x").mkdir()
+    (tmp_path / "eval_x" / "metrics.jsonl").write_text(json.dumps({"batch": 0, "tokens": 9}) + "\n")  # not a stage
+    stages = plot.find_stages([str(tmp_path)])
+    names = {os.path.basename(n): rows for n, rows in stages.items()}
+    assert set(names) == {"sft", "dpo"}
+    assert plot.kind(names["sft"]) == "sft" and plot.kind(names["dpo"]) == "dpo"
+    assert plot.series(names["sft"], "loss") == ([1, 2], [3.0, 1.5])
+    assert plot.series(names["sft"], "eval_loss") == ([2], [2.25])
+    assert plot.series(names["dpo"], "eval_rewards/margins") == ([1], [0.25])
+    pytest.importorskip("matplotlib")
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": [{"name": "dSFT", "score": 0.3,
+                                                                  "score_ci95": [0.25, 0.35], "n": 500}]}))
+    runs = plot.ablation_rows([str(tmp_path), str(sft)])
+    assert runs == [(tmp_path.name, [{"name": "dSFT", "score": 0.3, "score_ci95": [0.25, 0.35], "n": 500}])]
+    written = plot.draw(stages, runs, str(tmp_path / "plots"))
+    assert sorted(os.path.basename(w) for w in written) == ["ablation.png", "dpo_rewards.png", "sft_loss.png"]
+    for w in written:
+        assert open(w, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

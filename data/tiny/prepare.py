@@ -1,6 +1,9 @@
 """
 Write the tiny pipeline's data for one seed, in the public datasets' schemas, and train its tokenizer:
 
+    base_train.jsonl, base_test.jsonl plain-text rows {"text"} for pre-training the base model: task prompts of
+                                      every wording with their correct answers, and other text of the
+                                      generator, without the chat template (the "web text" of the task world)
     sft_train.jsonl, sft_test.jsonl   ultrachat_200k rows: prompt, prompt_id, messages (user, teacher answer)
     feedback_prompts.jsonl            UltraFeedback-style prompts: instruction, source ("tiny/<task>"), prompt_id
     eval_prompts.jsonl                held-out prompts, same fields
@@ -17,7 +20,10 @@ The four prompt sets are disjoint. Evaluation prompts are drawn first and every 
 the evaluation set is an unbiased sample of the task distribution that the model never saw; the SFT
 training set may repeat a prompt, with the teacher's answers drawn independently, as real data does.
 Each set has its own random stream, so changing one size leaves the prompts of the sets before it as
-they were (eval, then feedback, then SFT test, then SFT train).
+they were (eval, then feedback, then SFT test, then SFT train, then base).
+
+The base text is clean: the teacher's noise (disclaimers, refusals, format slips) is what the distillation
+data adds, as UltraChat's assistant turns added it to a base model that had not learnt it from the web.
 
 Runtime imports: the standard library, and data/ (sentencepiece for the tokenizer).
 """
@@ -35,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.tiny.tasks import (CORE_TASKS, DISCLAIMER, EXTRA_TASKS, REFUSAL, SLIP_SENTENCE, TEMPLATES,  # noqa: E402
-                             classify, make_task, teacher_answer)
+                             WORDS, classify, make_task, teacher_answer)
 from data.tokenizer import EOS, atomic_write, render_chat, train_tokenizer, write_jsonl  # noqa: E402
 
 # SFT mixture: the core tasks share 90%, the extra tasks (add, sub, reverse) 10%. The model stays near 0%
@@ -75,6 +81,33 @@ def draw_sft(rng, n, exclude):
     return examples
 
 
+def base_document(rng, exclude):
+    """
+    One plain-text document of the task world: 1-4 passages separated by a blank line, each a prompt of the
+    SFT mixture (any wording, not in `exclude`) on one line and its correct answer on the next, or, one time
+    in four, other text the generator writes (a list of words and the same words in capitals, sorted, or a
+    word and its letters counted). No chat template, no noise.
+    """
+    names, weights = list(SFT_WEIGHTS), list(SFT_WEIGHTS.values())
+    passages = []
+    for _ in range(rng.randint(1, 4)):
+        if rng.random() < 0.25:
+            words = rng.sample(WORDS, rng.randint(2, 4))
+            kind = rng.randrange(3)
+            if kind == 0:
+                passages.append(f"{' '.join(words)}\n{' '.join(words).upper()}")
+            elif kind == 1:
+                passages.append(f"{', '.join(words)}\n{', '.join(sorted(words))}")
+            else:
+                passages.append(f"{words[0]}: {len(words[0])} letters, {len(set(words[0]))} different")
+            continue
+        task = make_task(rng, rng.choices(names, weights)[0])
+        while task["prompt"] in exclude:
+            task = make_task(rng, task["task"])
+        passages.append(f"{task['prompt']}\n{task['answer']}")
+    return {"text": "\n\n".join(passages)}
+
+
 def sft_row(task, answer):
     messages = [{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": answer}]
     return {"prompt": task["prompt"], "prompt_id": prompt_id(task["prompt"]), "messages": messages}
@@ -84,15 +117,22 @@ def prompt_row(task):
     return {"instruction": task["prompt"], "source": f"tiny/{task['task']}", "prompt_id": prompt_id(task["prompt"])}
 
 
-def generate(seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n_eval=500):
-    """The four sets, in the order that makes them disjoint: dict name -> list of rows."""
+def generate(seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n_eval=500, n_base=0, n_base_test=0):
+    """The sets, in the order that makes them disjoint: dict name -> list of rows. The base text skips the
+    evaluation, feedback and SFT test prompts (it may share prompts with the SFT training set, as a web crawl
+    and a distillation set may)."""
     seen = set()
     eval_tasks = draw_prompts(_rng(seed, "eval"), n_eval, seen)
     feedback_tasks = draw_prompts(_rng(seed, "feedback"), n_feedback, seen)
     sft_test = draw_sft(_rng(seed, "sft_test"), n_sft_test, seen)
     seen.update(task["prompt"] for task, _ in sft_test)
     sft_train = draw_sft(_rng(seed, "sft_train"), n_sft, seen)
-    return {"eval": eval_tasks, "feedback": feedback_tasks, "sft_test": sft_test, "sft_train": sft_train}
+    rng = _rng(seed, "base_test")
+    base_test = [base_document(rng, seen) for _ in range(n_base_test)]
+    rng = _rng(seed, "base_train")
+    base_train = [base_document(rng, seen) for _ in range(n_base)]
+    return {"eval": eval_tasks, "feedback": feedback_tasks, "sft_test": sft_test, "sft_train": sft_train,
+            "base_test": base_test, "base_train": base_train}
 
 
 def tokenizer_texts(rows):
@@ -119,9 +159,13 @@ def noise_report(examples):
     return report
 
 
-def write_all(out_dir, seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n_eval=500, vocab_size=512):
+def write_all(out_dir, seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n_eval=500, vocab_size=512,
+              n_base=0, n_base_test=500):
     os.makedirs(out_dir, exist_ok=True)
-    sets = generate(seed, n_sft, n_sft_test, n_feedback, n_eval)
+    sets = generate(seed, n_sft, n_sft_test, n_feedback, n_eval, n_base, n_base_test if n_base else 0)
+    if n_base:
+        write_jsonl(os.path.join(out_dir, "base_train.jsonl"), sets["base_train"])
+        write_jsonl(os.path.join(out_dir, "base_test.jsonl"), sets["base_test"])
     sft_train = [sft_row(*e) for e in sets["sft_train"]]
     write_jsonl(os.path.join(out_dir, "sft_train.jsonl"), sft_train)
     write_jsonl(os.path.join(out_dir, "sft_test.jsonl"), [sft_row(*e) for e in sets["sft_test"]])
@@ -133,6 +177,7 @@ def write_all(out_dir, seed, n_sft=70_000, n_sft_test=1_000, n_feedback=2_000, n
     train_tokenizer(tokenizer_texts(sft_train[:TOKENIZER_ROWS]), os.path.join(out_dir, "tokenizer"), vocab_size)
     meta = {
         "seed": seed, "n_sft": n_sft, "n_sft_test": n_sft_test, "n_feedback": n_feedback, "n_eval": n_eval,
+        "n_base": n_base, "n_base_test": n_base_test if n_base else 0,
         "vocab_size": vocab_size, "sft_weights": SFT_WEIGHTS,
         "judge": "data.tiny.tasks:judge",
         "teacher_noise_sft_train": noise_report(sets["sft_train"]),
@@ -156,6 +201,8 @@ def main(argv=None):
     p.add_argument("--n_sft_test", type=int, default=1_000)
     p.add_argument("--n_feedback", type=int, default=2_000)
     p.add_argument("--n_eval", type=int, default=500)
+    p.add_argument("--n_base", type=int, default=0, help="plain-text documents for the base model (0: none)")
+    p.add_argument("--n_base_test", type=int, default=500)
     p.add_argument("--vocab_size", type=int, default=512)
     p.add_argument("--sample", metavar="PATH", help="write the committed sample to PATH instead")
     args = p.parse_args(argv)
@@ -164,7 +211,8 @@ def main(argv=None):
         return
     if not args.out:
         p.error("--out is required (or --sample PATH)")
-    meta = write_all(args.out, args.seed, args.n_sft, args.n_sft_test, args.n_feedback, args.n_eval, args.vocab_size)
+    meta = write_all(args.out, args.seed, args.n_sft, args.n_sft_test, args.n_feedback, args.n_eval, args.vocab_size,
+                     args.n_base, args.n_base_test)
     print(json.dumps(meta, indent=2))
 
 

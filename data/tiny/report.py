@@ -5,12 +5,19 @@ MT-Bench question file, judge through eval.py with the tasks' judge, and write t
     python data/tiny/report.py questions EVAL_PROMPTS.jsonl QUESTIONS.jsonl
     python data/tiny/report.py outputs ANSWERS.jsonl QUESTIONS.jsonl MODEL_OUTPUTS.json
     python data/tiny/report.py summary RUN_DIR --seconds S
+    python data/tiny/report.py chosen PAIRS_DIR OUT_DIR
+    python data/tiny/report.py ablation RUN_DIR --seconds S --rows NAME=EVAL_DIR ...
 
 The tiny "bench": the 500 held-out prompts as one-turn MT-Bench questions (category = the task), answered
 greedily by eval.py and graded by `mt_bench_judge`, which reads the question and answer out of eval.py's
 single-v1 prompt and returns the tasks' judge score (0, 0.5 or 1) as "Rating: [[s]]": the MT-Bench score of a
 model is then its mean tasks-judge score. `pairwise_judge` plays AlpacaEval's annotator on the same answers
 (DPO's against SFT's as the baseline): it scores both outputs and names the better, with even odds on a tie.
+
+`ablation` (run.sh tiny-ablation) writes RUN_DIR/summary.json (rows, seconds; the tiny summary kept under "tiny")
+and prints the paper's Table 3 in miniature: per
+model its score with a 95% bootstrap interval over the held-out prompts, its difference from the dSFT row with a
+paired bootstrap interval (the same resampled prompts for both), answer correctness and each noise kind's rate.
 
 The summary says honestly what changed: answer correctness and each noise kind's rate before and after DPO
 (TINY.md: the gain is intent alignment, the teacher's noise removed, not new capability).
@@ -23,6 +30,8 @@ import math
 import os
 import re
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -110,6 +119,75 @@ def score(run_dir):
             "n": n, "n_failed": bench["n_failed"]}
 
 
+def chosen(pairs_dir, out_dir):
+    # The DPO pairs' chosen conversations (prompt + preferred answer) as ultrachat_200k rows, train and test as split.
+    os.makedirs(out_dir, exist_ok=True)
+    for name in ("train", "test"):
+        rows = [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "messages": r["chosen"]}
+                for r in read_jsonl(os.path.join(pairs_dir, f"{name}.jsonl"))]
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), rows)
+        print(f"{pairs_dir}/{name}.jsonl: {len(rows)} chosen conversations -> {out_dir}/{name}.jsonl")
+
+
+BOOTSTRAP = 2000  # resamples of the prompts; the interval is the 2.5th and 97.5th percentiles
+
+
+def per_prompt_scores(run_dir):
+    """{question_id: tasks' judge score} of one eval.py run (the MT-Bench score is their mean)."""
+    questions_path = json.load(open(os.path.join(run_dir, "config.json")))["questions"]
+    text = {q["question_id"]: q["turns"][0] for q in read_jsonl(questions_path)}
+    return {a["question_id"]: judge(text[a["question_id"]], a["choices"][0]["turns"][0])
+            for a in read_jsonl(os.path.join(run_dir, "answers.jsonl"))}
+
+
+def ablation(run_dir, seconds, rows, reference="dSFT", seed=0):
+    """rows: [(name, eval dir under run_dir)]. Scores with 95% bootstrap intervals; differences from `reference`."""
+    per = {name: per_prompt_scores(os.path.join(run_dir, d)) for name, d in rows}
+    qids = sorted(per[rows[0][0]])
+    for name, scores in per.items():
+        if sorted(scores) != qids:
+            raise ValueError(f"{run_dir}: row {name!r} answered other prompts than row {rows[0][0]!r}")
+    # One (BOOTSTRAP, n) matrix of resampled prompt indices for every row, so the differences are paired.
+    idx = np.random.default_rng(seed).integers(0, len(qids), size=(BOOTSTRAP, len(qids)))
+    matrix = {name: np.array([per[name][q] for q in qids]) for name in per}
+    ref = matrix.get(reference)
+    out_rows = []
+    for name, d in rows:
+        sc = score(os.path.join(run_dir, d))
+        boot = matrix[name][idx].mean(axis=1)
+        row = {"name": name, "score": sc["score"], "score_ci95": [float(np.percentile(boot, 2.5)),
+                                                                 float(np.percentile(boot, 97.5))],
+               "answer_correct": sc["answer_correct"], **{f"{k}_rate": v for k, v in sc["rates"].items()},
+               "n": sc["n"], "n_failed": sc["n_failed"], "eval_dir": d}
+        if abs(matrix[name].mean() - sc["score"]) > 1e-6 and not sc["n_failed"]:
+            raise ValueError(f"{d}: eval.py's score {sc['score']} is not the mean tasks' judge score "
+                             f"{matrix[name].mean()}")
+        if ref is not None:
+            diff = (matrix[name] - ref)[idx].mean(axis=1)
+            row["minus_" + reference] = float((matrix[name] - ref).mean())
+            row["minus_" + reference + "_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+        out_rows.append(row)
+    out = {"rows": out_rows, "seconds": seconds, "bootstrap": BOOTSTRAP, "reference": reference}
+    # The run's summary.json becomes the ablation's; the tiny pipeline's summary written before it is kept inside.
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(path):
+        previous = json.load(open(path))
+        out["tiny"] = previous.get("tiny", previous) if "rows" in previous else previous
+    atomic_write(path, (json.dumps(out, indent=2) + "\n").encode())
+    print(f"\n{'model':24}{'score':>7} {'95% interval':>14}{'- ' + reference:>9} {'95% interval':>15}"
+          f"{'correct':>9}{'discl.':>8}{'refusal':>8}{'slip':>7}{'wrong':>7}")
+    for r in out_rows:
+        lo, hi = r["score_ci95"]
+        delta = (f"{100 * r['minus_' + reference]:+9.1f} [{100 * r['minus_' + reference + '_ci95'][0]:+5.1f}, "
+                 f"{100 * r['minus_' + reference + '_ci95'][1]:+5.1f}]") if ref is not None else ""
+        print(f"{r['name']:24}{r['score']:7.3f} [{lo:.3f}, {hi:.3f}]{delta}{r['answer_correct']:9.3f}"
+              f"{r['disclaimer_rate']:8.3f}{r['refusal_rate']:8.3f}{r['format_slip_rate']:7.3f}{r['wrong_rate']:7.3f}")
+    print(f"\nscores: mean tasks' judge score (0 / 0.5 / 1) over {out_rows[0]['n']} held-out prompts, greedy; "
+          f"intervals: {BOOTSTRAP} bootstrap resamples of the prompts (differences paired); {seconds:.0f} s in all")
+    print(f"wrote {path}")
+    return out
+
+
 def summary(run_dir, seconds):
     sft = score(os.path.join(run_dir, "eval_sft"))
     dpo = score(os.path.join(run_dir, "eval_dpo"))
@@ -155,8 +233,22 @@ if __name__ == "__main__":
     m = sub.add_parser("summary")
     m.add_argument("run_dir")
     m.add_argument("--seconds", type=float, required=True)
+    c = sub.add_parser("chosen")
+    c.add_argument("pairs_dir")
+    c.add_argument("out_dir")
+    b = sub.add_parser("ablation")
+    b.add_argument("run_dir")
+    b.add_argument("--seconds", type=float, required=True)
+    b.add_argument("--rows", nargs="+", required=True, metavar="NAME=EVAL_DIR")
     a = p.parse_args()
-    if a.cmd == "split":
+    if a.cmd == "chosen":
+        chosen(a.pairs_dir, a.out_dir)
+    elif a.cmd == "ablation":
+        bad = [r for r in a.rows if "=" not in r]
+        if bad:
+            p.error(f"--rows: expected NAME=EVAL_DIR, got {bad[0]!r}")
+        ablation(a.run_dir, a.seconds, [tuple(r.split("=", 1)) for r in a.rows])
+    elif a.cmd == "split":
         split(a.pairs, a.out_dir, a.test_fraction)
     elif a.cmd == "questions":
         questions(a.prompts, a.out)

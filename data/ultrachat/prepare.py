@@ -8,7 +8,8 @@ conversation rendered with the Zephyr template, loss on the assistant turns only
     python data/ultrachat/prepare.py --tokenizer ... --out ... --train a.jsonl b.parquet --test c.json
 
 A row needs only `messages`, a list of {role, content} with role system (first only), user or assistant;
-`prompt` and `prompt_id` are ignored. A row that cannot be trained on is reported on stderr with its file,
+`prompt` and `prompt_id` are ignored. A row with a `text` string instead (and no `messages`) is plain text for
+pre-training a base model (run.sh tiny's base stage): BOS + text + EOS, no template, loss on every token. A row that cannot be trained on is reported on stderr with its file,
 row number and reason, skipped, and counted by reason in the summary and in the split's json; --strict
 makes the first one fatal. Row numbers are 1-based: the line number in a .jsonl, the position in a .json
 list or a parquet file.
@@ -168,9 +169,18 @@ def check_message(i, m):
 
 
 def check_row(row):
-    """The row's messages if it is a conversation we can train on, else raise BadRow saying why."""
+    """The row's messages if it is a conversation we can train on, its text (a str) if it is a plain-text row,
+    else raise BadRow saying why."""
     if not isinstance(row, dict):
         raise BadRow("not_an_object", f"expected an object with 'messages', got {type(row).__name__}")
+    if "messages" not in row and "text" in row:
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise BadRow("bad_text", "field 'text': expected a non-empty string")
+        try:
+            row["text"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRow("invalid_unicode", f"field 'text': lone surrogate at {e.start}") from None
+        return row["text"]
     messages = row.get("messages")
     if messages is None:
         raise BadRow("missing_field", "field 'messages' missing")
@@ -211,7 +221,13 @@ def _encode(item, tok=None):
     try:
         if isinstance(row, BadRow):
             raise row
-        ids, mask = (tok or _worker_tokenizer).encode_chat(check_row(row))
+        tok = tok or _worker_tokenizer
+        checked = check_row(row)
+        if isinstance(checked, str):  # plain text: every token after BOS is a target (mask 1 everywhere)
+            ids = tok.encode(checked, bos=True, eos=True)
+            mask = [1] * len(ids)
+        else:
+            ids, mask = tok.encode_chat(checked)
     except BadRow as bad:
         return row_number, bad
     return row_number, (np.asarray(ids, np.int32), np.asarray(mask, np.uint8))
@@ -285,7 +301,7 @@ def prepare(files, tokenizer_path, out_dir, split, strict=False, max_examples=No
                 writer.add(*result)
                 n_written += 1
             info = writer.close({
-                "template": "zephyr", "loss_on": "assistant turns (content and </s>)",
+                "template": "zephyr", "loss_on": "assistant turns (content and </s>); every token of a 'text' row",
                 "tokenizer": tokenizer_info, "sources": sources, "rows_read": rows_read,
                 "max_examples": max_examples, **bad.info(),
             })
