@@ -28,7 +28,7 @@ import struct
 import numpy as np
 import sentencepiece as spm
 
-from files import atomic_write, write_jsonl  # noqa: F401  (write_jsonl: data/tiny imports it from here)
+from files import atomic_write
 
 # Mistral's layout, which train_tokenizer reproduces.
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

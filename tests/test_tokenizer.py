@@ -27,8 +27,8 @@ import tokenizers  # noqa: E402
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from data.tokenizer import (CHAT_TEMPLATE, LEGACY, Tokenizer, atomic_write, load_tokenizer, render_chat,  # noqa: E402
-                            train_tokenizer)
+from data.tokenizer import CHAT_TEMPLATE, LEGACY, Tokenizer, load_tokenizer, render_chat, train_tokenizer  # noqa: E402
+from files import atomic_write  # noqa: E402
 
 MISTRAL_V1 = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
 LEGACY_AND_NOT = {True: Tokenizer(MISTRAL_V1, legacy=True), False: Tokenizer(MISTRAL_V1, legacy=False)}

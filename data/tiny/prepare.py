@@ -42,7 +42,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from data.tiny.tasks import (CORE_TASKS, DISCLAIMER, EXTRA_TASKS, REFUSAL, SLIP_SENTENCE, TEMPLATES,  # noqa: E402
                              WORDS, classify, make_task, teacher_answer)
-from data.tokenizer import EOS, atomic_write, render_chat, train_tokenizer, write_jsonl  # noqa: E402
+from data.tokenizer import EOS, render_chat, train_tokenizer  # noqa: E402
+from files import atomic_write, write_jsonl  # noqa: E402
 
 # SFT mixture: the core tasks share 90%, the extra tasks (add, sub, reverse) 10%. The model stays near 0%
 # on the extras in budget, so they are there for variety, at a weight that costs the core tasks little.

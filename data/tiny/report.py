@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from data.tiny.tasks import answer_correct, classify, judge  # noqa: E402
-from data.tokenizer import atomic_write, write_jsonl  # noqa: E402
+from files import atomic_write, write_jsonl  # noqa: E402
 
 KINDS = ("correct", "disclaimer", "refusal", "format_slip", "wrong")
 
