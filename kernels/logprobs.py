@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
+
 # fp32 bytes of one chunk of logits (C, V). Small on CPU (cache friendly and the memory target is
 # tight there), large on GPU where bigger GEMMs run closer to peak.
 CPU_CHUNK_BYTES = 32 * 2**20
@@ -199,38 +201,42 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc, mask=c_mask)
 
 
-# Autotuning on GPU; one fixed small config in the interpreter (autotune with several configs fails
-# there, and small blocks keep interpreted runs short).
-# Every config compiles for sm_90 without spilling registers (`python -m kernels.bench compile`,
-# tests/test_kernels_compile.py); configs that spilled were dropped: fwd 128/128/64 with 4 warps, and
-# for the GEMM whose A operand is transposed (grad_weight = dz^T @ h: stride_am == 1) every tile
-# larger than 128 x 64 or 64 x 128, hence a separate list for that layout, picked by early pruning.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 64}, num_warps=w, num_stages=st)
-    for bn in (64, 128) for bv in (64, 128) for w, st in ((4, 3), (8, 4)) if (bn, bv, w) != (128, 128, 4)
-]
-_MM_SHAPES = {
-    "row-major A": ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                    (128, 64, 64, 4, 4)),
-    "transposed A": ((64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)),
-}
-_MM_CONFIGS = {layout: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                        for bm, bn, bk, w, st in shapes] for layout, shapes in _MM_SHAPES.items()}
+# Autotuning on GPU, over the lists of kernels/tuning.py (per GPU generation, each config spill-free
+# there); one fixed small config in the interpreter (autotune with several configs fails there, and small
+# blocks keep interpreted runs short). One Config object per shape, shared by the generations' lists.
+_FWD_CONFIGS = {s: triton.Config({"BLOCK_N": s[0], "BLOCK_V": s[1], "BLOCK_D": 64}, num_warps=s[2], num_stages=s[3])
+                for shapes in tuning.LOGPROBS_FWD.values() for s in shapes}
+_MM_CONFIGS = {s: triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1], "BLOCK_K": s[2]}, num_warps=s[3], num_stages=s[4])
+               for layouts in tuning.LOGPROBS_MM.values() for shapes in layouts.values() for s in shapes}
 
 
 def _mm_layout(stride_am, stride_ak):
     return "transposed A" if stride_am == 1 and stride_ak != 1 else "row-major A"
 
 
-def mm_configs(site):
-    """The GEMM configs the autotuner tries at one of the _GEMM_SITES (after its early pruning)."""
-    consts = _GEMM_SITES[site][0]
-    return _MM_CONFIGS[_mm_layout(consts.get("stride_am"), consts.get("stride_ak"))]
+def fwd_configs(capability=90):
+    """The fused forward's configs on one GPU generation (after the autotuner's early pruning)."""
+    return [_FWD_CONFIGS[s] for s in tuning.LOGPROBS_FWD[tuning.arch(capability)]]
+
+
+def mm_configs(site, capability=90, layout=None):
+    """The GEMM configs the autotuner tries at one of the _GEMM_SITES (or for an operand layout) on one
+    GPU generation, after its early pruning."""
+    consts = _GEMM_SITES[site][0] if site else {}
+    layout = layout or _mm_layout(consts.get("stride_am"), consts.get("stride_ak"))
+    return [_MM_CONFIGS[s] for s in tuning.LOGPROBS_MM[tuning.arch(capability)][layout]]
+
+
+def _prune_fwd(configs, nargs, **kwargs):
+    keep = fwd_configs(tuning.device_arch(nargs["h_ptr"]))
+    return [c for c in configs if any(c is k for k in keep)]
 
 
 def _prune_mm(configs, nargs, **kwargs):
-    keep = _MM_CONFIGS[_mm_layout(nargs["stride_am"], nargs["stride_ak"])]
+    keep = mm_configs(None, tuning.device_arch(nargs["a_ptr"]), _mm_layout(nargs["stride_am"], nargs["stride_ak"]))
     return [c for c in configs if any(c is k for k in keep)]
+
+
 # The three GEMMs of a chunk as `python -m kernels.bench compile` builds them: unit strides (which
 # Triton specializes to constants at launch) and operand types: on GPU every operand is in the model
 # dtype (dz written 16-bit by the softmax kernel, the scaled hidden rows cast before the GEMM).
@@ -267,9 +273,10 @@ def _kernels(interpret):
     # what triton.jit reads here to choose between the interpreter and the compiler.
     fwd, softmax_grad, mm = (triton.jit(f) for f in (_logprobs_fwd_kernel, _softmax_grad_kernel, _matmul_kernel))
     if not interpret:
-        fwd = triton.autotune(_FWD_CONFIGS, key=["V", "D"])(fwd)
+        fwd = triton.autotune(list(_FWD_CONFIGS.values()), key=["V", "D"],
+                              prune_configs_by={"early_config_prune": _prune_fwd})(fwd)
         # restore_value: tuning runs the kernel several times, which must not accumulate into c.
-        mm = triton.autotune([c for cs in _MM_CONFIGS.values() for c in cs], key=["M_KEY", "N_KEY", "K_KEY"],
+        mm = triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
                              restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune_mm})(mm)
     return fwd, softmax_grad, mm
 

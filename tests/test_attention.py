@@ -91,6 +91,19 @@ def random_qkv(B, H, H_kv, T, D, dtype, seed=0):
     return [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv)]
 
 
+def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+    """Dense-mask attention in fp32; slow and simple, the yardstick for the kernels."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    mask = attn.attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
+
+
 def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
                             leaves=None, to_bhtd=lambda g: g):
     """Run flash_attention forward and backward; compare output and dq, dk, dv with the reference.
@@ -104,7 +117,7 @@ def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_i
     o.backward(do)
 
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attn.attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
+    ref = attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
     ref.backward(do.float())
 
     errors = {"out": assert_close(o, ref, "output")}
@@ -159,7 +172,8 @@ def test_segments_mask_attention_across_examples():
 def test_attention_flops_counts_visible_pairs(causal, W):
     B, H, T, D = 2, 3, 11, 16
     pairs = attn.attention_mask(T, W, causal=causal).sum().item()
-    assert attn.attention_flops(B, H, T, D, causal, W) == 4 * B * H * D * pairs
+    from kernels.bench import attention_flops  # after `attn` above: kernels.bench imports triton
+    assert attention_flops(B, H, T, D, causal, W) == 4 * B * H * D * pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +237,7 @@ def test_segment_path_with_padding_segment_at_the_end():
 def test_segment_bounds_match_brute_force():
     g = torch.Generator().manual_seed(5)
     seg = torch.cat([torch.randint(0, 4, (3, 37), generator=g), packed_segments((10, 27))])
-    first, last, run_start, run_end = attn._segment_bounds(seg).long()
+    first, last, run_start, run_end = attn.segment_bounds(seg).long()
     for b in range(seg.shape[0]):
         for i in range(seg.shape[1]):
             same = (seg[b] == seg[b, i]).nonzero().squeeze(1)
@@ -263,9 +277,9 @@ def test_non_causal_matches_reference(lengths):
 
 
 def test_segment_ids_need_not_be_sorted():
-    # Tile ranges come from each id's first/last position and its run (_segment_bounds); with
+    # Tile ranges come from each id's first/last position and its run (kernels/masks.py, segment_bounds); with
     # interleaved and reappearing ids they must skip nothing that is visible and leave no invisible
-    # pair in an unmasked tile. int16 ids also exercise the dtype conversion.
+    # pair in an unmasked tile. int16 ids: segment_bounds takes any integer dtype.
     T = 48
     seg = torch.stack([torch.arange(T) % 3, torch.tensor([7] * 16 + [2] * 16 + [7] * 16)]).to(torch.int16)
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 2, 1, T, 32, torch.float32))
@@ -296,7 +310,7 @@ def test_saved_logsumexp_matches_dense_logsumexp():
     B, H, T, D, W = 1, 2, 40, 32, 11
     q, k, v = random_qkv(B, H, 1, T, D, torch.float32)
     seg = packed_segments((25, 15))
-    o, lse = attn._triton_forward(q, k, v, True, W, seg, attn._segment_bounds(seg), 0.2)
+    o, lse = attn._triton_forward(q, k, v, True, W, seg, attn.segment_bounds(seg), 0.2)
     # The reference in float64: an fp32 CPU matmul may run at reduced internal precision (oneDNN's
     # fpmath mode, torch's fp32 matmul precision), which alone can move lse by ~1e-5; the kernel's
     # own error against float64 is ~5e-7 here.
@@ -377,7 +391,7 @@ def test_cpu_torch_path_matches_reference(monkeypatch, W, lengths):
     q, k, v = random_qkv(1, 4, 2, 17, 24, torch.float32)  # D=24: any head dim on this path
     seg = packed_segments(*lengths) if lengths else None
     o = attn.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
-    torch.testing.assert_close(o, attn.attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
+    torch.testing.assert_close(o, attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +448,7 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
     do = torch.randn_like(o)
     o.backward(do)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = compiled.attention_reference(*ref_in, True, W, seg)
+    ref = attention_reference(*ref_in, True, W, seg)
     ref.backward(do.float())
     for name, got, want in (("out", o, ref), ("dq", q.grad, ref_in[0].grad),
                             ("dk", k.grad, ref_in[1].grad), ("dv", v.grad, ref_in[2].grad)):
