@@ -283,12 +283,12 @@ VARIANTS = {                                                             # IS_CA
     "causal+segments": (True, False, True), "causal+window+segments": (True, True, True),
     "non-causal": (False, False, False),
 }
-_DIV16 = {"T", "T_BUCKET", "window", "V", "D", "stride_h", "stride_w", "stride_z"}
+_DIV16 = {"T", "T_BUCKET", "window", "V", "D", "V_SPLIT", "stride_h", "stride_w", "stride_z"}
 
 
 def _arg_type(kernel, name, dtype):
     """Triton signature type of a kernel argument, from its name (the kernels' naming is regular)."""
-    if name in ("LSE", "DELTA", "logp_ptr", "lse_ptr", "ent_ptr", "z_ptr", "c_ptr"):
+    if name in ("LSE", "DELTA", "logp_ptr", "lse_ptr", "ent_ptr", "z_ptr", "c_ptr", "part_ptr"):
         return "*fp32"
     if name in ("SEG", "t_ptr"):
         return "*i64"
