@@ -3,16 +3,13 @@
 #   flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None)
 #     q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0  ->  (B, H, T, D) in q's dtype
 #
-# Masking convention (Hugging Face Mistral's, pinned down by attention_mask below and its test):
-# query i sees key j iff
-#   j <= i                                  (causal)
-#   i - j < W          when sliding_window=W (a token sees itself and at most W-1 earlier tokens)
-#   seg[b, i] == seg[b, j]  when segment_ids is given (packed rows: no attention across examples)
-# With causal=False only the segment rule applies; a window without causality is refused.
+# Masking convention (Hugging Face Mistral's; kernels/masks.py writes it as a dense mask): query i sees
+# key j iff j <= i (causal), i - j < W (sliding_window=W: itself and at most W-1 earlier tokens), and
+# seg[b, i] == seg[b, j] (segment_ids: packed rows). causal=False keeps only the segment rule.
 #
-# Layout of this file: mask helper and torch reference, the Triton kernels (forward, then the
-# three backward kernels), the autograd Function, then flash_attention (validation + dispatch)
-# and attention_flops for the benchmark.
+# Layout: autotuning, the Triton kernels (forward, then the three backward kernels), the autograd
+# Function, flash_attention (validation + dispatch). Beside it: kernels/masks.py (dense mask, segment
+# bounds), kernels/tuning.py (autotune lists per GPU); the dense reference is in tests/test_attention.py.
 #
 # Dispatch: CUDA tensors run the Triton kernels. CPU tensors run torch's SDPA with the same boolean
 # mask, unless TRITON_INTERPRET=1, in which case the Triton kernels run in Triton's interpreter
@@ -26,6 +23,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import tuning
+from kernels.masks import attention_mask, segment_bounds
+
 # Triton decides interpreter-vs-compiled when each @triton.jit decorator runs (it reads
 # TRITON_INTERPRET through triton.knobs at that moment), so this module's kernels are interpreted
 # iff the variable was "1" when this module was imported. Block sizes and the bf16 upcast follow.
@@ -38,67 +38,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
-# The convention, as a dense mask, and the reference implementation
+# Autotuning over kernels/tuning.py's lists (per GPU generation, kernel and head dim). Keys: head dim,
+# a power-of-two bucket of T (one tuning per bucket, not per padded DPO length), the mask flags, and
+# the dtypes (added by triton.autotune). Each output tile is written once: no reset_to_zero needed.
 
 
-def attention_mask(T, sliding_window=None, segment_ids=None, device=None, causal=True):
-    """Boolean mask (B or 1, 1, T, T), True = query i (dim -2) may attend key j (dim -1)."""
-    if segment_ids is not None and device is None:
-        device = segment_ids.device
-    i = torch.arange(T, device=device)[:, None]  # query positions (T, 1)
-    j = torch.arange(T, device=device)[None, :]  # key positions   (1, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=device)
-    if causal:
-        mask &= j <= i
-    if sliding_window is not None:
-        if not causal:
-            raise ValueError("sliding_window requires causal=True")
-        mask &= (i - j) < sliding_window
-    mask = mask[None, None]  # (1, 1, T, T)
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-        mask = mask & same[:, None]  # (B, 1, T, T)
-    return mask
+def _shape(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
-    """Dense-mask attention in fp32; slow and simple, the yardstick for the kernels."""
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
-    mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autotuning. Keys: head dim, a power-of-two bucket of T (tuning once per bucket instead of once per
-# distinct length, which matters when DPO batches are padded to varying lengths), the mask flags,
-# and (added by triton.autotune itself) the tensor dtypes. No kernel accumulates into its outputs
-# (each output tile is written exactly once), so repeated benchmark launches need no reset_to_zero.
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, for H100. Each one compiles for
-# sm_90 within its shared memory and without a single register spilled, in every mask variant, and
-# the loops are pipelined (cp.async): `python -m kernels.bench compile` prints the table and
-# tests/test_kernels_compile.py checks it. A config that spills is replaced, not kept. In dk/dv,
-# BLOCK_N (keys owned by a program) carries the two (BLOCK_N, D) fp32 accumulators, so at D=128 it
-# pairs with small query tiles. Head dims below 64 use the 64 lists.
-TUNING = {
-    "_attn_fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
-                  128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]},
-    "_attn_bwd_dkdv": {64: [(32, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 2), (64, 64, 8, 3)],
-                       128: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2)]},
-    "_attn_bwd_dq": {64: [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 3)],
-                     128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]},
-}
-
-
-def tuning_configs(kernel, head_dim):
-    """The autotune configs of one kernel at one head dim (what the autotuner benchmarks)."""
-    shapes = TUNING[kernel][64 if head_dim <= 64 else 128]
+def tuning_configs(kernel, head_dim, capability=90):
+    """The autotune configs of one kernel at one head dim on one GPU generation (what the autotuner
+    benchmarks there, after its early pruning)."""
+    shapes = tuning.ATTENTION[tuning.arch(capability)][kernel][64 if head_dim <= 64 else 128]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -106,16 +58,14 @@ def _autotune(kernel):
     if _INTERPRETED:  # the interpreter cannot benchmark several configs; small blocks run fastest there
         return triton.autotune(configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)],
                                key=_TUNE_KEY)
-    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
-               for hd in (64, 128) for c in tuning_configs(kernel, hd)}
+    configs = {_shape(c): c for arch in tuning.ATTENTION for hd in (64, 128) for c in tuning_configs(kernel, hd, arch)}
 
-    def for_head_dim(configs_, nargs, **kwargs):  # early_config_prune: the launch's head dim's list
-        keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in tuning_configs(kernel, kwargs["HEAD_DIM"])}
-        return [c for c in configs_ if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+    def for_device(configs_, nargs, **kwargs):  # early_config_prune: this GPU's list at the launch's head dim
+        keep = {_shape(c) for c in tuning_configs(kernel, kwargs["HEAD_DIM"], tuning.device_arch(nargs["Q"]))}
+        return [c for c in configs_ if _shape(c) in keep]
 
     return triton.autotune(configs=list(configs.values()), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": for_head_dim})
+                           prune_configs_by={"early_config_prune": for_device})
 
 
 _TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS"]
@@ -124,13 +74,14 @@ _PRE_BLOCK = 16 if _INTERPRETED else PRE_BLOCK_COMPILED  # rows per program of t
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers shared by the kernels. Positions and segment ids arrive pre-broadcast, so the same
-# helper serves the (queries x keys) tiles of forward/dq and the (keys x queries) tiles of dk/dv.
+# Helpers shared by the kernels (inlined by Triton). Positions and segment ids arrive pre-broadcast,
+# so the same mask serves the (queries x keys) tiles of forward/dq and the (keys x queries) tiles
+# of dk/dv.
 
 
 @triton.jit
-def _visible(q_pos, k_pos, q_seg, k_seg, T, window,
-             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+def _masked(s, q_pos, k_pos, q_seg, k_seg, T, window,
+            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     mask = (q_pos < T) & (k_pos < T)  # tile rows/columns past the end of the sequence
     if IS_CAUSAL:
         mask = mask & (k_pos <= q_pos)
@@ -138,16 +89,57 @@ def _visible(q_pos, k_pos, q_seg, k_seg, T, window,
         mask = mask & (q_pos - k_pos < window)
     if HAS_SEGMENTS:
         mask = mask & (q_seg == k_seg)
-    return mask
+    return tl.where(mask, s, float("-inf"))
+
+
+@triton.jit
+def _load_tile(base, offs, offs_d, stride, T, TRANSPOSED: tl.constexpr, MASKED: tl.constexpr,
+               UPCAST: tl.constexpr):
+    # Rows `offs` of a (T, D) matrix as a (BLOCK, D) tile, or (D, BLOCK) read transposed. MASKED reads
+    # rows past T as 0; unmasked tiles lie wholly inside the sequence. UPCAST is set only when
+    # interpreting: the interpreter gets bf16 dots wrong, so every tile is computed in fp32 there.
+    if TRANSPOSED:
+        ptrs = base + offs[None, :] * stride + offs_d[:, None]
+        inside = offs[None, :] < T
+    else:
+        ptrs = base + offs[:, None] * stride + offs_d[None, :]
+        inside = offs[:, None] < T
+    if MASKED:
+        x = tl.load(ptrs, mask=inside, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_row(ptr, offs, T, MASKED: tl.constexpr):  # (BLOCK,) of a contiguous (T,) fp32 row: lse, delta
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < T, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def _segment_ids(SEG_BOUNDS, b, T, offs, HAS_SEGMENTS: tl.constexpr):
+    # Segment ids for the masks: the first position holding the same id (plane 0 of SEG_BOUNDS: equal iff
+    # the ids are equal, int32 whatever the caller's dtype). Clamped rather than masked: the mask handles
+    # the tail of a partial tile itself. Without segments, a placeholder that is never read.
+    seg = offs
+    if HAS_SEGMENTS:
+        seg = tl.load(SEG_BOUNDS + b * T + tl.minimum(offs, T - 1))
+    return seg
 
 
 # Tile ranges, computed once per program so that the loops are straight-line code (a runtime `if`
 # around the loads costs Triton its software pipelining: no cp.async, see ../shared/GPU_AUDIT.md).
-# A program walks the other side's tiles in three loops: [lo, lo_full) masked, [lo_full, hi_full)
-# unmasked (every pair of the tile visible), [hi_full, hi) masked. With segments the bounds come from
-# SEG_BOUNDS (4, B, T) int32, made by _segment_bounds on the host: for each position the first and
-# last position holding the same id (any ids: a sound outer range), and the start and end of the
-# run of equal ids around it (a pair inside one run is always visible: the unmasked range).
+# A program walks the other side's tiles in two loops: [lo_full, hi_full) unmasked (every pair of
+# the tile visible), then the edges [lo, lo_full) and [hi_full, hi) masked, as one loop whose tile
+# index is remapped with arithmetic, not a branch. With segments the bounds come from SEG_BOUNDS
+# (4, B, T) int32 (kernels/masks.py, segment_bounds): per position the first and last position of
+# its id (a sound outer range) and its run of equal ids (pairs inside one run: the unmasked range).
 
 
 @triton.jit
@@ -156,21 +148,24 @@ def _round_up(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _clamp_ranges(lo, lo_full, hi_full, hi):
+def _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, offs, BLOCK: tl.constexpr,
+                    HAS_SEGMENTS: tl.constexpr):
+    # Narrows the mask-only ranges of the tile at `offs` by its segments (tiles of the other side are
+    # BLOCK wide), then orders them: lo <= lo_full <= hi_full <= hi.
+    if HAS_SEGMENTS:
+        p = SEG_BOUNDS + b * T + tl.minimum(offs, T - 1)
+        first, last, run_lo, run_hi = tl.load(p), tl.load(p + BT), tl.load(p + 2 * BT), tl.load(p + 3 * BT)
+        lo = tl.maximum(lo, tl.min(first, 0) // BLOCK * BLOCK)
+        hi = tl.minimum(hi, tl.max(last, 0) + 1)
+        lo_full = tl.maximum(lo_full, _round_up(tl.max(run_lo, 0), BLOCK))
+        hi_full = tl.minimum(hi_full, (tl.min(run_hi, 0) + 1) // BLOCK * BLOCK)
     lo_full = tl.minimum(tl.maximum(lo_full, lo), hi)
     hi_full = tl.minimum(tl.maximum(hi_full, lo_full), hi)
     return lo, lo_full, hi_full, hi
 
 
 @triton.jit
-def _seg_bounds(SEG_BOUNDS, row, BT, offs, T):
-    # (first occurrence, last occurrence, run start, run end) of the ids at offs (clamped into the row)
-    p = SEG_BOUNDS + row + tl.minimum(offs, T - 1)
-    return tl.load(p), tl.load(p + BT), tl.load(p + 2 * BT), tl.load(p + 3 * BT)
-
-
-@triton.jit
-def _key_ranges(start_m, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     # Key tiles for queries start_m .. end_m - 1; blocks above the diagonal and blocks wholly older
     # than the window are never visited, so work is O(T * window).
@@ -185,17 +180,12 @@ def _key_ranges(start_m, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr, 
     if HAS_WINDOW:
         lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # down to a tile boundary
         lo_full = _round_up(tl.maximum(end_m - window, 0), BLOCK_N)  # keys j >= end_m - W: inside every window
-    if HAS_SEGMENTS:
-        first, last, run_lo, run_hi = _seg_bounds(seg_bounds, row, BT, start_m + tl.arange(0, BLOCK_M), T)
-        lo = tl.maximum(lo, tl.min(first, 0) // BLOCK_N * BLOCK_N)
-        hi = tl.minimum(hi, tl.max(last, 0) + 1)
-        lo_full = tl.maximum(lo_full, _round_up(tl.max(run_lo, 0), BLOCK_N))
-        hi_full = tl.minimum(hi_full, (tl.min(run_hi, 0) + 1) // BLOCK_N * BLOCK_N)
-    return _clamp_ranges(lo, lo_full, hi_full, hi)
+    return _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, start_m + tl.arange(0, BLOCK_M),
+                           BLOCK_N, HAS_SEGMENTS)
 
 
 @triton.jit
-def _query_ranges(start_n, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _query_ranges(start_n, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
     # Query tiles that may see keys start_n .. end_n - 1 (the transpose of the above).
     end_n = tl.minimum(start_n + BLOCK_N, T)
@@ -209,21 +199,44 @@ def _query_ranges(start_n, T, window, seg_bounds, row, BT, BLOCK_M: tl.constexpr
     if HAS_WINDOW:
         hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
         hi_full = tl.minimum(hi_full, (start_n + window) // BLOCK_M * BLOCK_M)  # i < start_n + W
-    if HAS_SEGMENTS:
-        first, last, run_lo, run_hi = _seg_bounds(seg_bounds, row, BT, start_n + tl.arange(0, BLOCK_N), T)
-        lo = tl.maximum(lo, tl.min(first, 0) // BLOCK_M * BLOCK_M)
-        hi = tl.minimum(hi, tl.max(last, 0) + 1)
-        lo_full = tl.maximum(lo_full, _round_up(tl.max(run_lo, 0), BLOCK_M))
-        hi_full = tl.minimum(hi_full, (tl.min(run_hi, 0) + 1) // BLOCK_M * BLOCK_M)
-    return _clamp_ranges(lo, lo_full, hi_full, hi)
+    return _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, start_n + tl.arange(0, BLOCK_N),
+                           BLOCK_M, HAS_SEGMENTS)
 
 
 @triton.jit
-def _load_segments(seg_row, offs, T):
-    # Segment ids for the masks: the first position holding the same id (equal iff the ids are equal,
-    # and int32 whatever the caller's dtype, which keeps the mask tiles small). Clamped rather than
-    # masked: the visibility mask handles the tail of a partial tile itself.
-    return tl.load(seg_row + tl.minimum(offs, T - 1))
+def _n_tiles(lo, lo_full, hi_full, hi, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    # Unmasked: the tiles of [lo_full, hi_full). Masked: those of [lo, lo_full) and then [hi_full, hi).
+    n = (hi_full - lo_full + BLOCK - 1) // BLOCK
+    if MASKED:
+        n = (lo_full - lo + BLOCK - 1) // BLOCK + (hi - hi_full + BLOCK - 1) // BLOCK
+    return n
+
+
+@triton.jit
+def _tile_start(i, lo, lo_full, hi_full, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    start = lo_full + i * BLOCK
+    if MASKED:
+        n_first = (lo_full - lo + BLOCK - 1) // BLOCK
+        start = tl.where(i < n_first, lo + i * BLOCK, hi_full + (i - n_first) * BLOCK)
+    return start
+
+
+@triton.jit
+def _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt, stride_vt,
+                     SEG_BOUNDS, b, T, window, qk_scale, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The i-th key tile of a query tile (forward and dq): scaled scores q k^T in the log2 domain,
+    # (BLOCK_M, BLOCK_N) with -inf where masked, and the tile's values, V or V^T.
+    offs_n = _tile_start(i, lo, lo_full, hi_full, BLOCK_N, MASKED) + tl.arange(0, BLOCK_N)
+    k_t = _load_tile(k_base, offs_n, offs_d, stride_kt, T, True, MASKED, UPCAST)  # (D, BLOCK_N): K^T
+    v = _load_tile(v_base, offs_n, offs_d, stride_vt, T, V_TRANSPOSED, MASKED, UPCAST)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        s = _masked(s, offs_m[:, None], offs_n[None, :], q_seg[:, None],
+                    _segment_ids(SEG_BOUNDS, b, T, offs_n, HAS_SEGMENTS)[None, :], T, window,
+                    IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+    return s, k_t, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,37 +244,15 @@ def _load_segments(seg_row, offs, T):
 
 
 @triton.jit
-def _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt,
-                    lo, split, hi_full, hi, T, window, qk_scale,
+def _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, lo, lo_full, hi_full, hi, k_base, v_base, offs_d,
+                    stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-    n_first = (split - lo + BLOCK_N - 1) // BLOCK_N  # see _attn_dkdv_tiles
-    n_tiles = n_first + (hi - hi_full + BLOCK_N - 1) // BLOCK_N if MASKED else (hi - lo + BLOCK_N - 1) // BLOCK_N
-    for i in range(0, n_tiles):
-        start_n = lo + i * BLOCK_N
-        if MASKED:
-            start_n = tl.where(i < n_first, lo + i * BLOCK_N, hi_full + (i - n_first) * BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions (BLOCK_N,)
-        if MASKED:
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                        mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T, read transposed
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
-                        mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-        else:
-            k = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
-            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :])
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            k_seg = offs_n
-            if HAS_SEGMENTS:
-                k_seg = _load_segments(seg_row, offs_n, T)
-            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
-                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-            qk = tl.where(mask, qk, float("-inf"))
+    for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_N, MASKED)):
+        qk, _, v = _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt,
+                                    stride_vt, SEG_BOUNDS, b, T, window, qk_scale, MASKED, False, IS_CAUSAL,
+                                    HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
@@ -291,20 +282,9 @@ def _attn_fwd(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)  # query positions of this tile (BLOCK_M,)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-    if UPCAST:  # set only when interpreting: the interpreter gets bf16 dots wrong, so compute in fp32
-        q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    seg_row = LSE  # placeholders without segments (SEG_BOUNDS is None then; never read)
-    seg_bounds = LSE
-    q_seg = offs_m  # placeholder when there are no segments (never read then)
-    if HAS_SEGMENTS:
-        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
-        seg_bounds = SEG_BOUNDS
-        q_seg = _load_segments(seg_row, offs_m, T)  # (BLOCK_M,)
-    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, T, False, True, UPCAST)
+    q_seg = _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)  # (BLOCK_M,)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
                                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     # Running softmax state in the log2 domain. m_i starts at a finite -1e30 rather than -inf, so
@@ -313,13 +293,12 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max of scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of p @ v
-    args = (offs_d, k_base, v_base, seg_row, stride_kt, stride_vt)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, *args, lo_full, lo_full, hi_full, hi_full,
-                                    T, window, qk_scale,
-                                    False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, q_seg, offs_m, *args, lo, lo_full, hi_full, hi,
-                                    T, window, qk_scale,
-                                    True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    args = (q, offs_m, q_seg, lo, lo_full, hi_full, hi, K + b * stride_kb + h_kv * stride_kh,
+            V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST,
+                                    DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST,
+                                    DOT_PRECISION, BLOCK_N)
 
     # Every real row saw at least its own key (or its own segment), so l_i > 0 there; tail rows of
     # a partial tile have l_i = 0 and are not stored, the where() only keeps them NaN-free.
@@ -361,44 +340,22 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _attn_dkdv_tiles(dk, dv, k, v, k_seg, offs_n, offs_d, q_base, do_base, row_base, seg_row, LSE, DELTA,
-                     stride_qt, stride_dot, lo, split, hi_full, hi, T, window, qk_scale,
+def _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, q_base, do_base, lse_row, delta_row,
+                     offs_d, stride_qt, stride_dot, SEG_BOUNDS, b, T, window, qk_scale,
                      MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr):
-    # Walks [lo, hi) unmasked, or (MASKED) the two edge ranges [lo, split) and [hi_full, hi) as one
-    # loop: the tile index is remapped with arithmetic, not a branch.
-    n_first = (split - lo + BLOCK_M - 1) // BLOCK_M
-    n_tiles = n_first + (hi - hi_full + BLOCK_M - 1) // BLOCK_M if MASKED else (hi - lo + BLOCK_M - 1) // BLOCK_M
-    for i in range(0, n_tiles):
-        start_m = lo + i * BLOCK_M
-        if MASKED:
-            start_m = tl.where(i < n_first, lo + i * BLOCK_M, hi_full + (i - n_first) * BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        if MASKED:
-            q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None],
-                          mask=offs_m[None, :] < T, other=0.0)  # (D, BLOCK_M): Q^T
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :],
-                         mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
-        else:
-            q_t = tl.load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None])
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :])
-            lse = tl.load(LSE + row_base + offs_m)
-            delta = tl.load(DELTA + row_base + offs_m)
-        if UPCAST:
-            q_t = q_t.to(tl.float32)
-            do = do.to(tl.float32)
+    for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_M, MASKED)):
+        offs_m = _tile_start(i, lo, lo_full, hi_full, BLOCK_M, MASKED) + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        q_t = _load_tile(q_base, offs_m, offs_d, stride_qt, T, True, MASKED, UPCAST)  # (D, BLOCK_M): Q^T
+        do = _load_tile(do_base, offs_m, offs_d, stride_dot, T, False, MASKED, UPCAST)  # (BLOCK_M, D)
+        lse = _load_row(lse_row, offs_m, T, MASKED)  # (BLOCK_M,)
+        delta = _load_row(delta_row, offs_m, T, MASKED)
         # Transposed tiles (keys x queries), so that P^T and dS^T come out directly.
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :] * LOG2E  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            q_seg = offs_m
-            if HAS_SEGMENTS:
-                q_seg = _load_segments(seg_row, offs_m, T)
-            mask = _visible(offs_m[None, :], offs_n[:, None], q_seg[None, :], k_seg[:, None], T, window,
-                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-            s_t = tl.where(mask, s_t, float("-inf"))
+            s_t = _masked(s_t, offs_m[None, :], offs_n[:, None], _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)[None, :],
+                          k_seg[:, None], T, window, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
         p_t = tl.exp2(s_t)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -428,34 +385,23 @@ def _attn_bwd_dkdv(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)  # key positions of this tile (BLOCK_N,)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=offs_n[:, None] < T, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=offs_n[:, None] < T, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    seg_row = LSE  # placeholders without segments (never read)
-    seg_bounds = LSE
-    k_seg = offs_n
-    if HAS_SEGMENTS:
-        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
-        seg_bounds = SEG_BOUNDS
-        k_seg = _load_segments(seg_row, offs_n, T)
-    lo, lo_full, hi_full, hi = _query_ranges(start_n, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+    k = _load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kt, T, False, True, UPCAST)
+    v = _load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vt, T, False, True, UPCAST)
+    k_seg = _segment_ids(SEG_BOUNDS, b, T, offs_n, HAS_SEGMENTS)
+    lo, lo_full, hi_full, hi = _query_ranges(start_n, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
                                              IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for h in range(h_kv * GROUP, h_kv * GROUP + GROUP):  # the query heads that share this kv head
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * H + h) * T  # into LSE and DELTA, contiguous (B, H, T)
-        args = (k, v, k_seg, offs_n, offs_d, q_base, do_base, row_base, seg_row, LSE, DELTA, stride_qt, stride_dot)
-        dk, dv = _attn_dkdv_tiles(dk, dv, *args, lo_full, lo_full, hi_full, hi_full, T, window, qk_scale, False,
-                                  IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_M)
-        dk, dv = _attn_dkdv_tiles(dk, dv, *args, lo, lo_full, hi_full, hi, T, window, qk_scale, True,
-                                  IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_M)
+        row = (b * H + h) * T  # into LSE and DELTA, contiguous (B, H, T)
+        args = (k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, Q + b * stride_qb + h * stride_qh,
+                DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, offs_d, stride_qt, stride_dot,
+                SEG_BOUNDS, b, T, window, qk_scale)
+        dk, dv = _attn_dkdv_tiles(dk, dv, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION,
+                                  BLOCK_M)
+        dk, dv = _attn_dkdv_tiles(dk, dv, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION,
+                                  BLOCK_M)
 
     dk = dk * softmax_scale
     row = pid_bh.to(tl.int64) * T + offs_n  # DK and DV are contiguous (B, H_kv, T, D)
@@ -464,38 +410,16 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _attn_dq_tiles(dq, q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt,
-                   lo, split, hi_full, hi, T, window, qk_scale,
+def _attn_dq_tiles(dq, q, do, lse, delta, offs_m, q_seg, lo, lo_full, hi_full, hi, k_base, v_base, offs_d,
+                   stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale,
                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    n_first = (split - lo + BLOCK_N - 1) // BLOCK_N  # see _attn_dkdv_tiles
-    n_tiles = n_first + (hi - hi_full + BLOCK_N - 1) // BLOCK_N if MASKED else (hi - lo + BLOCK_N - 1) // BLOCK_N
-    for i in range(0, n_tiles):
-        start_n = lo + i * BLOCK_N
-        if MASKED:
-            start_n = tl.where(i < n_first, lo + i * BLOCK_N, hi_full + (i - n_first) * BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
-                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): K^T
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
-                          mask=offs_n[None, :] < T, other=0.0)  # (D, BLOCK_N): V^T
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None])
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None])
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v_t = v_t.to(tl.float32)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None] * LOG2E  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            k_seg = offs_n
-            if HAS_SEGMENTS:
-                k_seg = _load_segments(seg_row, offs_n, T)
-            mask = _visible(offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg[None, :], T, window,
-                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
-            s = tl.where(mask, s, float("-inf"))
-        p = tl.exp2(s)
+    for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_N, MASKED)):
+        s, k_t, v_t = _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt,
+                                       stride_vt, SEG_BOUNDS, b, T, window, qk_scale, MASKED, True, IS_CAUSAL,
+                                       HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+        p = tl.exp2(s - lse[:, None] * LOG2E)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
@@ -523,34 +447,20 @@ def _attn_bwd_dq(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=offs_m[:, None] < T, other=0.0)  # (BLOCK_M, D)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, T, False, True, UPCAST)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dot, T, False, True, UPCAST)
     row = pid_bh.to(tl.int64) * T + offs_m
-    lse = tl.load(LSE + row, mask=offs_m < T, other=0.0)  # (BLOCK_M,)
-    delta = tl.load(DELTA + row, mask=offs_m < T, other=0.0)
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    seg_row = LSE  # placeholders without segments (never read)
-    seg_bounds = LSE
-    q_seg = offs_m
-    if HAS_SEGMENTS:
-        seg_row = SEG_BOUNDS + b * T  # plane 0, first occurrence of each id: an int32 id of its own
-        seg_bounds = SEG_BOUNDS
-        q_seg = _load_segments(seg_row, offs_m, T)
-    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, seg_bounds, b * T, BT, BLOCK_M, BLOCK_N,
+    lse = _load_row(LSE + pid_bh.to(tl.int64) * T, offs_m, T, True)  # (BLOCK_M,)
+    delta = _load_row(DELTA + pid_bh.to(tl.int64) * T, offs_m, T, True)
+    q_seg = _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
                                            IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (q, do, lse, delta, q_seg, offs_m, offs_d, k_base, v_base, seg_row, stride_kt, stride_vt)
-    dq = _attn_dq_tiles(dq, *args, lo_full, lo_full, hi_full, hi_full, T, window, qk_scale, False,
-                        IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
-    dq = _attn_dq_tiles(dq, *args, lo, lo_full, hi_full, hi, T, window, qk_scale, True,
-                        IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    args = (q, do, lse, delta, offs_m, q_seg, lo, lo_full, hi_full, hi, K + b * stride_kb + h_kv * stride_kh,
+            V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale)
+    dq = _attn_dq_tiles(dq, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _attn_dq_tiles(dq, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq = dq * softmax_scale
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -568,43 +478,15 @@ def _flags(q, causal, sliding_window, segment_ids):
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _segment_bounds(segment_ids):
-    """(4, B, T) int32 from (B, T) ids: for each position the first and the last position of the row
-    holding the same id, and the start and end of its run of equal ids. Any ids work (packed rows,
-    padding as its own id, ids that reappear); the kernels derive their tile ranges from these.
-    A few sorts and scans over (B, T), no host sync."""
-    B, T = segment_ids.shape
-    pos = torch.arange(T, device=segment_ids.device).expand(B, T)
-
-    def group_ends(x):  # for sorted-or-run-ordered x: index where each element's group starts and ends
-        new = torch.ones_like(x, dtype=torch.bool)
-        new[:, 1:] = x[:, 1:] != x[:, :-1]
-        start = torch.where(new, pos, 0).cummax(1).values
-        end_here = torch.ones_like(new)
-        end_here[:, :-1] = new[:, 1:]
-        end = torch.where(end_here, pos, T - 1).flip(1).cummin(1).values.flip(1)
-        return start, end
-
-    run_start, run_end = group_ends(segment_ids)
-    ids, perm = torch.sort(segment_ids, dim=1, stable=True)  # stable: positions ascend within an id
-    g_start, g_end = group_ends(ids)
-    first = torch.empty_like(perm).scatter_(1, perm, perm.gather(1, g_start))
-    last = torch.empty_like(perm).scatter_(1, perm, perm.gather(1, g_end))
-    return torch.stack([first, last, run_start, run_end]).to(torch.int32).contiguous()
-
-
 def _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale):
     B, H, T, D = q.shape
     group = H // k.shape[1]
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)
-    _attn_fwd[grid](
-        q, k, v, o, lse, bounds,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    _attn_fwd[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](
+        q, k, v, o, lse, bounds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         H, group, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value,
-        **_flags(q, causal, sliding_window, segment_ids),
-    )
+        **_flags(q, causal, sliding_window, segment_ids))
     return o, lse
 
 
@@ -614,16 +496,13 @@ def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, b
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = torch.empty_like(lse)  # (B, H, T) fp32
-    _attn_bwd_delta[(triton.cdiv(T, _PRE_BLOCK), B * H)](
-        o, do, delta, *do.stride()[:3], H, T, HEAD_DIM=D, BLOCK=_PRE_BLOCK,
-    )
+    _attn_bwd_delta[(triton.cdiv(T, _PRE_BLOCK), B * H)](o, do, delta, *do.stride()[:3], H, T, HEAD_DIM=D,
+                                                          BLOCK=_PRE_BLOCK)
     dq = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, H_kv, T, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, H_kv, T, D, dtype=v.dtype, device=v.device)
-    common = (
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        H, H // H_kv, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale,
-    )
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+              H, H // H_kv, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale)
     flags = _flags(q, causal, sliding_window, segment_ids)
     _attn_bwd_dkdv[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H_kv)](
         q, k, v, do, lse, delta, bounds, dk, dv, *common, **flags)
@@ -635,7 +514,7 @@ def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, b
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sliding_window, segment_ids, scale):
-        bounds = _segment_bounds(segment_ids) if segment_ids is not None else None
+        bounds = segment_bounds(segment_ids) if segment_ids is not None else None
         o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale)
         ctx.save_for_backward(q, k, v, o, lse, segment_ids, bounds)
         ctx.mask_args = (causal, sliding_window)
@@ -713,25 +592,6 @@ def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None,
                            "Triton fixes interpreted-vs-compiled when the kernels are defined")
     # Kernels index rows with strides (so (B, T, H, D) tensors viewed as (B, H, T, D) are read in
     # place) but assume unit stride along D; anything else is copied once.
+    # Segment ids of any integer dtype and layout: the kernels read only segment_bounds' int32 table.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if segment_ids is not None:
-        # int32/int64 are loaded as they are; other integer types are converted to int64, which
-        # keeps distinct ids distinct (the kernels only compare ids for equality and order).
-        if segment_ids.dtype not in (torch.int32, torch.int64):
-            segment_ids = segment_ids.to(torch.int64)
-        segment_ids = segment_ids.contiguous()
     return _FlashAttention.apply(q, k, v, bool(causal), sliding_window, segment_ids, scale)
-
-
-def attention_flops(B, H, T, D, causal=True, sliding_window=None):
-    """Useful forward FLOPs: two matmuls (QK^T and PV), 2 FLOPs per multiply-add, visible pairs only."""
-    if sliding_window is not None and not causal:
-        raise ValueError("sliding_window requires causal=True")
-    if not causal:
-        pairs = T * T
-    elif sliding_window is None or sliding_window >= T:
-        pairs = T * (T + 1) // 2  # query i sees i + 1 keys
-    else:
-        W = sliding_window  # queries 0..W-1 see i + 1 keys, the remaining T - W see W each
-        pairs = W * (W + 1) // 2 + (T - W) * W
-    return 4 * B * H * D * pairs

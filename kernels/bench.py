@@ -191,12 +191,26 @@ def _tflops(fn, leaves, flops):
     return flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9, 3.5 * flops / both * 1e-9
 
 
+def attention_flops(B, H, T, D, causal=True, sliding_window=None):
+    """Useful forward FLOPs: two matmuls (QK^T and PV), 2 FLOPs per multiply-add, visible pairs only."""
+    if sliding_window is not None and not causal:
+        raise ValueError("sliding_window requires causal=True")
+    if not causal:
+        pairs = T * T
+    elif sliding_window is None or sliding_window >= T:
+        pairs = T * (T + 1) // 2  # query i sees i + 1 keys
+    else:
+        W = sliding_window  # queries 0..W-1 see i + 1 keys, the remaining T - W see W each
+        pairs = W * (W + 1) // 2 + (T - W) * W
+    return 4 * B * H * D * pairs
+
+
 def bench_attention():
     if not torch.cuda.is_available():
         print("\nattention: no CUDA device here, skipped")
         return
     try:
-        from kernels.attention import attention_flops, flash_attention
+        from kernels.attention import flash_attention
     except ImportError as e:
         print(f"\nattention: kernels.attention not importable ({e}), skipped")
         return
@@ -269,12 +283,12 @@ VARIANTS = {                                                             # IS_CA
     "causal+segments": (True, False, True), "causal+window+segments": (True, True, True),
     "non-causal": (False, False, False),
 }
-_DIV16 = {"T", "T_BUCKET", "window", "V", "D", "stride_h", "stride_w", "stride_z"}
+_DIV16 = {"T", "T_BUCKET", "window", "V", "D", "V_SPLIT", "stride_h", "stride_w", "stride_z"}
 
 
 def _arg_type(kernel, name, dtype):
     """Triton signature type of a kernel argument, from its name (the kernels' naming is regular)."""
-    if name in ("LSE", "DELTA", "logp_ptr", "lse_ptr", "ent_ptr", "z_ptr", "c_ptr"):
+    if name in ("LSE", "DELTA", "logp_ptr", "lse_ptr", "ent_ptr", "z_ptr", "c_ptr", "part_ptr"):
         return "*fp32"
     if name in ("SEG", "t_ptr"):
         return "*i64"
@@ -302,21 +316,21 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
                     flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_SEGMENTS=segments,
                                  UPCAST=False, DOT_PRECISION="tf32")
                     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
-                        for cfg in A.tuning_configs(name, head_dim):          # after the head-dim pruning
+                        for cfg in A.tuning_configs(name, head_dim, TARGETS[target][0]):   # after the pruning
                             jobs.append(dict(kernel=name, target=target, dtype=dtype, head_dim=head_dim,
                                              variant=variant, constexprs=flags, config=_config_dict(cfg)))
                 jobs.append(dict(kernel="_attn_bwd_delta", target=target, dtype=dtype, head_dim=head_dim,
                                  variant="-", constexprs=dict(HEAD_DIM=head_dim),
                                  config=dict(BLOCK=A.PRE_BLOCK_COMPILED, num_warps=4, num_stages=3)))
             lp = dict(DOT_DTYPE=tl_dtype, PRECISION="tf32")
-            for cfg in L._FWD_CONFIGS:
+            for cfg in L.fwd_configs(TARGETS[target][0]):
                 jobs.append(dict(kernel="_logprobs_fwd_kernel", target=target, dtype=dtype, head_dim=None,
                                  variant="-", constexprs=lp, config=_config_dict(cfg)))
             jobs.append(dict(kernel="_softmax_grad_kernel", target=target, dtype=dtype, head_dim=None, variant="-",
                              constexprs=dict(WRITE_GRAD=True, **L._softmax_constexprs(tl_dtype)),
                              config=dict(**L._SOFTMAX_BLOCKS, num_warps=8, num_stages=3)))
             for site, (consts, types) in L._GEMM_SITES.items():              # the three GEMMs of a chunk
-                for cfg in L.mm_configs(site):                                # after the layout pruning
+                for cfg in L.mm_configs(site, TARGETS[target][0]):            # after the pruning
                     jobs.append(dict(kernel="_matmul_kernel", target=target, dtype=dtype, head_dim=None,
                                      variant=site, constexprs=dict(consts, **lp, ACCUMULATE=site == "grad_weight"),
                                      types={k: t.format(dtype=dtype) for k, t in types.items()},

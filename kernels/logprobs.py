@@ -25,12 +25,12 @@ and DPO cost nothing. There are two ways to get the gradients:
     is recomputed: always correct, just slower. The price is holding grad_hidden (N, D) and
     grad_weight (V, D), both fp32, from forward to backward.
 
-On the Triton path the forward without gradients is one fused kernel: each program sweeps the
-vocabulary for a block of rows with an online log-sum-exp, logits tiles never leave registers. The
-gradients are not fused that far: grad_hidden for a block of rows needs a (rows, D) accumulator and
-D = 4096 does not fit on chip, so each chunk of logits is materialized in fp32 by a tl.dot matmul
-kernel, turned into onehot - softmax in place by a row kernel, and fed to two more matmuls
-(grad_weight accumulated in fp32 in place: no atomics).
+On the Triton path the forward without gradients is one fused kernel: each program sweeps a split of
+the vocabulary for a block of rows with an online log-sum-exp (logits tiles never leave registers),
+and a log-sum-exp combine merges the splits. grad_hidden for a block of rows needs a (rows, D)
+accumulator, too big on chip at D = 4096, so for gradients each chunk of logits is materialized in fp32
+by a tl.dot matmul kernel, turned into onehot - softmax in place by a row kernel, and fed to two more
+matmuls (grad_weight accumulated in fp32 in place: no atomics).
 
 Paths, chosen at call time:
   * CUDA tensors -> Triton kernels (below), autotuned for H100.
@@ -38,17 +38,12 @@ Paths, chosen at call time:
     run by the Triton interpreter (for tests).
   * other CPU tensors -> the same chunked algorithm in plain torch.
 
-How Triton 3.7 picks the interpreter (read from its source): `@triton.jit` reads
-triton.knobs.runtime.interpret, i.e. os.environ["TRITON_INTERPRET"] at that moment, when it
-*decorates* a function, and returns an InterpretedFunction or a compiled JITFunction for good; the
-interpreter cannot call a compiled one ("Cannot call @triton.jit'd outside of the scope of a kernel").
-Two consequences, so that the mode only depends on the environment at call time:
-  * our kernels are plain functions, decorated lazily in `_kernels(interpret)`, once per mode;
-  * tl.zeros, tl.sum and tl.max are themselves @triton.jit helpers decorated at `import triton`, in
-    whatever mode the environment said then (another test module may have imported triton first).
-    The kernels use only builtins instead: tl.full, and tl.reduce with Triton's own combine
-    functions, which is what tl.sum / tl.max expand to in compiled code and which the interpreter
-    recognizes and maps to numpy without calling them.
+How Triton 3.7 picks the interpreter: `@triton.jit` reads os.environ["TRITON_INTERPRET"] (through
+triton.knobs) when it *decorates* a function, and the interpreter cannot call a compiled JITFunction.
+So that the mode depends only on the environment at call time, our kernels are plain functions,
+decorated lazily in `_kernels(interpret)`, once per mode; and they avoid tl.zeros, tl.sum and tl.max
+(@triton.jit helpers fixed in whatever mode `import triton` saw): tl.full, and tl.reduce with Triton's
+own combine functions, which the interpreter maps to numpy without calling them.
 """
 
 import functools
@@ -57,8 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-# fp32 bytes of one chunk of logits (C, V). Small on CPU (cache friendly and the memory target is
-# tight there), large on GPU where bigger GEMMs run closer to peak.
+from kernels import tuning
+
+# fp32 bytes of one chunk of logits (C, V): small on CPU (cache, memory target), large on GPU (GEMM speed).
 CPU_CHUNK_BYTES = 32 * 2**20
 GPU_CHUNK_BYTES = 512 * 2**20
 
@@ -78,27 +74,30 @@ _max = tl.standard._elementwise_max        # tl.reduce(x, 1, _max) == tl.max(x, 
 
 
 def _logprobs_fwd_kernel(
-    h_ptr, w_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr,
-    N, V, D, stride_h, stride_w, ignore_index,
+    h_ptr, w_ptr, t_ptr, part_ptr,
+    N, V, D, V_SPLIT, stride_h, stride_w, ignore_index,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Forward only: one program owns BLOCK_N rows and sweeps the whole vocabulary with an online
-    # log-sum-exp. Each (BLOCK_N, BLOCK_V) logits tile lives in registers only. The hidden rows are
-    # re-read for every vocabulary tile (D = 4096 does not fit on chip); all programs walk the
-    # vocabulary in the same order, so the weight tiles they share tend to be served from L2.
+    # Forward only: program (i, j) sweeps vocabulary split j (V_SPLIT columns) for BLOCK_N rows with an
+    # online log-sum-exp and writes the split's stats to part (4, splits, N): max m, sum exp(z - m),
+    # sum exp(z - m) * z, target logit (_triton_forward combines them; the splits fill the GPU at small
+    # N). Logits tiles live in registers only; hidden rows are re-read per vocabulary tile (D = 4096
+    # does not fit on chip), and programs walk the vocabulary in one order, so shared W tiles hit L2.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     tgt = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+    v_lo = tl.program_id(1) * V_SPLIT
+    v_hi = tl.minimum(v_lo + V_SPLIT, V)
 
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)      # running max of the row
     s = tl.full([BLOCK_N], 0.0, tl.float32)                # sum exp(z - m)
     sz = tl.full([BLOCK_N], 0.0, tl.float32)               # sum exp(z - m) * z, for the entropy
     zt = tl.full([BLOCK_N], 0.0, tl.float32)               # logit of the target
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
+        col_ok = cols < v_hi
         z = tl.full([BLOCK_N, BLOCK_V], 0.0, tl.float32)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
@@ -116,10 +115,12 @@ def _logprobs_fwd_kernel(
         zt += tl.reduce(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1, _add)
         m = m_new
 
-    lse = m + tl.log(s)
-    tl.store(logp_ptr + rows, tl.where(tgt != ignore_index, zt - lse, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(ent_ptr + rows, lse - sz / s, mask=row_ok)
+    out = part_ptr + tl.program_id(1) * N + rows64                  # part[:, j, rows]
+    plane = tl.num_programs(1) * N
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + plane, s, mask=row_ok)
+    tl.store(out + 2 * plane, sz, mask=row_ok)
+    tl.store(out + 3 * plane, zt, mask=row_ok)
 
 
 def _softmax_grad_kernel(
@@ -177,11 +178,9 @@ def _matmul_kernel(
     ACCUMULATE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # c (M, N) fp32 (+)= a (M, K) @ b (K, N); any strides, so a transpose is free. Operands are
-    # cast to DOT_DTYPE on load (a no-op on GPU, where both are in the model dtype). M_KEY, N_KEY,
-    # K_KEY are only read by the autotuner (_mm_key: bucketed sizes). Plain
-    # row-major program order (no grouped ordering for L2 reuse as in the Triton tutorial): the
-    # operands here are either small (a chunk) or re-read by every program anyway.
+    # c (M, N) fp32 (+)= a (M, K) @ b (K, N); any strides, so a transpose is free. Operands are cast to
+    # DOT_DTYPE on load (a no-op on GPU). M_KEY, N_KEY, K_KEY: only the autotuner reads them (_mm_key).
+    # Plain row-major program order: the operands are either small (a chunk) or re-read by every program.
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
@@ -199,38 +198,42 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc, mask=c_mask)
 
 
-# Autotuning on GPU; one fixed small config in the interpreter (autotune with several configs fails
-# there, and small blocks keep interpreted runs short).
-# Every config compiles for sm_90 without spilling registers (`python -m kernels.bench compile`,
-# tests/test_kernels_compile.py); configs that spilled were dropped: fwd 128/128/64 with 4 warps, and
-# for the GEMM whose A operand is transposed (grad_weight = dz^T @ h: stride_am == 1) every tile
-# larger than 128 x 64 or 64 x 128, hence a separate list for that layout, picked by early pruning.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 64}, num_warps=w, num_stages=st)
-    for bn in (64, 128) for bv in (64, 128) for w, st in ((4, 3), (8, 4)) if (bn, bv, w) != (128, 128, 4)
-]
-_MM_SHAPES = {
-    "row-major A": ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                    (128, 64, 64, 4, 4)),
-    "transposed A": ((64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)),
-}
-_MM_CONFIGS = {layout: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                        for bm, bn, bk, w, st in shapes] for layout, shapes in _MM_SHAPES.items()}
+# Autotuning on GPU, over the lists of kernels/tuning.py (per GPU generation, each config spill-free
+# there); one fixed small config in the interpreter (autotune with several configs fails there, and small
+# blocks keep interpreted runs short). One Config object per shape, shared by the generations' lists.
+_FWD_CONFIGS = {s: triton.Config({"BLOCK_N": s[0], "BLOCK_V": s[1], "BLOCK_D": 64}, num_warps=s[2], num_stages=s[3])
+                for shapes in tuning.LOGPROBS_FWD.values() for s in shapes}
+_MM_CONFIGS = {s: triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1], "BLOCK_K": s[2]}, num_warps=s[3], num_stages=s[4])
+               for layouts in tuning.LOGPROBS_MM.values() for shapes in layouts.values() for s in shapes}
 
 
 def _mm_layout(stride_am, stride_ak):
     return "transposed A" if stride_am == 1 and stride_ak != 1 else "row-major A"
 
 
-def mm_configs(site):
-    """The GEMM configs the autotuner tries at one of the _GEMM_SITES (after its early pruning)."""
-    consts = _GEMM_SITES[site][0]
-    return _MM_CONFIGS[_mm_layout(consts.get("stride_am"), consts.get("stride_ak"))]
+def fwd_configs(capability=90):
+    """The fused forward's configs on one GPU generation (after the autotuner's early pruning)."""
+    return [_FWD_CONFIGS[s] for s in tuning.LOGPROBS_FWD[tuning.arch(capability)]]
+
+
+def mm_configs(site, capability=90, layout=None):
+    """The GEMM configs the autotuner tries at one of the _GEMM_SITES (or for an operand layout) on one
+    GPU generation, after its early pruning."""
+    consts = _GEMM_SITES[site][0] if site else {}
+    layout = layout or _mm_layout(consts.get("stride_am"), consts.get("stride_ak"))
+    return [_MM_CONFIGS[s] for s in tuning.LOGPROBS_MM[tuning.arch(capability)][layout]]
+
+
+def _prune_fwd(configs, nargs, **kwargs):
+    keep = fwd_configs(tuning.device_arch(nargs["h_ptr"]))
+    return [c for c in configs if any(c is k for k in keep)]
 
 
 def _prune_mm(configs, nargs, **kwargs):
-    keep = _MM_CONFIGS[_mm_layout(nargs["stride_am"], nargs["stride_ak"])]
+    keep = mm_configs(None, tuning.device_arch(nargs["a_ptr"]), _mm_layout(nargs["stride_am"], nargs["stride_ak"]))
     return [c for c in configs if any(c is k for k in keep)]
+
+
 # The three GEMMs of a chunk as `python -m kernels.bench compile` builds them: unit strides (which
 # Triton specializes to constants at launch) and operand types: on GPU every operand is in the model
 # dtype (dz written 16-bit by the softmax kernel, the scaled hidden rows cast before the GEMM).
@@ -267,9 +270,10 @@ def _kernels(interpret):
     # what triton.jit reads here to choose between the interpreter and the compiler.
     fwd, softmax_grad, mm = (triton.jit(f) for f in (_logprobs_fwd_kernel, _softmax_grad_kernel, _matmul_kernel))
     if not interpret:
-        fwd = triton.autotune(_FWD_CONFIGS, key=["V", "D"])(fwd)
+        fwd = triton.autotune(list(_FWD_CONFIGS.values()), key=["V", "D"],
+                              prune_configs_by={"early_config_prune": _prune_fwd})(fwd)
         # restore_value: tuning runs the kernel several times, which must not accumulate into c.
-        mm = triton.autotune([c for cs in _MM_CONFIGS.values() for c in cs], key=["M_KEY", "N_KEY", "K_KEY"],
+        mm = triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
                              restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune_mm})(mm)
     return fwd, softmax_grad, mm
 
@@ -293,17 +297,36 @@ def _dot_args(dtype):
     return _TL_DTYPES[dtype], "tf32"          # tf32 is ignored for 16-bit operands
 
 
-def _triton_forward(hidden, weight, targets, ignore_index):
+def _vocab_split(N, V, device, interpret, splits=None):
+    """Columns per vocabulary split of the fused forward (a multiple of 128, the largest BLOCK_V): enough
+    splits for ~4 programs per SM with row blocks of 64, each split >= 2048 columns (or `splits` given).
+    In the interpreter: as if 8 programs filled the machine, splits >= 256 columns (so tests split)."""
+    if splits is None:
+        sms, rows, min_cols = (2, 16, 256) if interpret else \
+            (torch.cuda.get_device_properties(device).multi_processor_count, 64, 2048)
+        splits = max(1, min(triton.cdiv(4 * sms, triton.cdiv(N, rows)), V // min_cols))
+    return triton.cdiv(triton.cdiv(V, splits), 128) * 128
+
+
+def _triton_forward(hidden, weight, targets, ignore_index, splits=None):
     N, D = hidden.shape
     V = weight.shape[0]
-    logp, lse, ent = (torch.empty(N, device=hidden.device, dtype=torch.float32) for _ in range(3))
     interpret = _interpreting()
+    v_split = _vocab_split(N, V, hidden.device, interpret, splits)
+    n_splits = triton.cdiv(V, v_split)
+    part = torch.empty(4, n_splits, N, device=hidden.device, dtype=torch.float32)   # m, s, sz, zt per split
     fwd, _, _ = _kernels(interpret)
     dot_dtype, precision = _dot_args(hidden.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)
-    fwd[grid](hidden, weight, targets, logp, lse, ent, N, V, D, hidden.stride(0), weight.stride(0), ignore_index,
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_splits)
+    fwd[grid](hidden, weight, targets, part, N, V, D, v_split, hidden.stride(0), weight.stride(0), ignore_index,
               DOT_DTYPE=dot_dtype, PRECISION=precision, **(_INTERPRET_BLOCKS["fwd"] if interpret else {}))
-    return logp, lse, ent
+    m, s, sz, zt = part                                                     # each (splits, N)
+    m_all = m.max(0).values
+    scale = torch.exp(m - m_all)                                            # log-sum-exp combine
+    s_all = (s * scale).sum(0)
+    lse = m_all + torch.log(s_all)
+    logp = torch.where(targets != ignore_index, zt.sum(0) - lse, 0.0)
+    return logp, lse, lse - (sz * scale).sum(0) / s_all
 
 
 def _dz_dtype(dtype):

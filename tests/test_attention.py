@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -90,6 +91,19 @@ def random_qkv(B, H, H_kv, T, D, dtype, seed=0):
     return [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv)]
 
 
+def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+    """Dense-mask attention in fp32; slow and simple, the yardstick for the kernels."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    mask = attn.attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
+
+
 def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
                             leaves=None, to_bhtd=lambda g: g):
     """Run flash_attention forward and backward; compare output and dq, dk, dv with the reference.
@@ -103,7 +117,7 @@ def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_i
     o.backward(do)
 
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attn.attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
+    ref = attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
     ref.backward(do.float())
 
     errors = {"out": assert_close(o, ref, "output")}
@@ -158,7 +172,8 @@ def test_segments_mask_attention_across_examples():
 def test_attention_flops_counts_visible_pairs(causal, W):
     B, H, T, D = 2, 3, 11, 16
     pairs = attn.attention_mask(T, W, causal=causal).sum().item()
-    assert attn.attention_flops(B, H, T, D, causal, W) == 4 * B * H * D * pairs
+    from kernels.bench import attention_flops  # after `attn` above: kernels.bench imports triton
+    assert attention_flops(B, H, T, D, causal, W) == 4 * B * H * D * pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +237,7 @@ def test_segment_path_with_padding_segment_at_the_end():
 def test_segment_bounds_match_brute_force():
     g = torch.Generator().manual_seed(5)
     seg = torch.cat([torch.randint(0, 4, (3, 37), generator=g), packed_segments((10, 27))])
-    first, last, run_start, run_end = attn._segment_bounds(seg).long()
+    first, last, run_start, run_end = attn.segment_bounds(seg).long()
     for b in range(seg.shape[0]):
         for i in range(seg.shape[1]):
             same = (seg[b] == seg[b, i]).nonzero().squeeze(1)
@@ -262,9 +277,9 @@ def test_non_causal_matches_reference(lengths):
 
 
 def test_segment_ids_need_not_be_sorted():
-    # Tile ranges come from each id's first/last position and its run (_segment_bounds); with
+    # Tile ranges come from each id's first/last position and its run (kernels/masks.py, segment_bounds); with
     # interleaved and reappearing ids they must skip nothing that is visible and leave no invisible
-    # pair in an unmasked tile. int16 ids also exercise the dtype conversion.
+    # pair in an unmasked tile. int16 ids: segment_bounds takes any integer dtype.
     T = 48
     seg = torch.stack([torch.arange(T) % 3, torch.tensor([7] * 16 + [2] * 16 + [7] * 16)]).to(torch.int16)
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 2, 1, T, 32, torch.float32))
@@ -295,11 +310,79 @@ def test_saved_logsumexp_matches_dense_logsumexp():
     B, H, T, D, W = 1, 2, 40, 32, 11
     q, k, v = random_qkv(B, H, 1, T, D, torch.float32)
     seg = packed_segments((25, 15))
-    o, lse = attn._triton_forward(q, k, v, True, W, seg, attn._segment_bounds(seg), 0.2)
-    scores = (q @ k.transpose(-1, -2)) * 0.2  # (B, H, T, T); k broadcasts over the H query heads
+    o, lse = attn._triton_forward(q, k, v, True, W, seg, attn.segment_bounds(seg), 0.2)
+    # The reference in float64: an fp32 CPU matmul may run at reduced internal precision (oneDNN's
+    # fpmath mode, torch's fp32 matmul precision), which alone can move lse by ~1e-5; the kernel's
+    # own error against float64 is ~5e-7 here.
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.2  # (B, H, T, T); k broadcasts over the H heads
     scores = scores.masked_fill(~attn.attention_mask(T, W, seg), float("-inf"))
     assert lse.shape == (B, H, T) and lse.dtype == torch.float32
-    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=0, atol=1e-5)
+
+
+@pytest.fixture
+def bounds_checked_interpreter(monkeypatch):
+    """Every load and store of an interpreted kernel must touch only bytes of that launch's tensor
+    arguments (the interpreter reads host memory at raw addresses, so a stray read returns whatever
+    lies there instead of failing), and every torch.empty/empty_like comes back filled with NaN (or a
+    huge int), so an output element the kernels never write, or a buffer read before it is written,
+    shows up as NaN in the comparison. Hooks Triton 3.7's interpreter internals (pinned)."""
+    from triton.runtime import interpreter
+
+    ranges = []
+    init_args = interpreter.GridExecutor._init_args_hst
+
+    def init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        ranges[:] = [(a.untyped_storage().data_ptr(), a.untyped_storage().nbytes())
+                     for a in [*args_hst, *kwargs_hst.values()] if isinstance(a, torch.Tensor)]
+        return args_hst, kwargs_hst
+
+    def check(ptrs, mask, size, what):
+        p = ptrs.data.astype("uint64")[np.broadcast_to(mask.data, ptrs.data.shape)]
+        inside = np.zeros(p.shape, dtype=bool)
+        for start, nbytes in ranges:
+            inside |= (p >= start) & (p + size <= start + nbytes)
+        if not inside.all():
+            raise AssertionError(f"{what} of {int((~inside).sum())} addresses outside the launch tensors")
+
+    load, store = interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store
+
+    def masked_load(self, ptrs, mask, other, *args):
+        check(ptrs, mask, interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize, "load")
+        return load(self, ptrs, mask, other, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        check(ptrs, mask, value.data.dtype.itemsize, "store")
+        return store(self, ptrs, value, mask, *args)
+
+    def poisoned(make):
+        def make_poisoned(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan") if t.dtype.is_floating_point else torch.iinfo(t.dtype).max // 3)
+        return make_poisoned
+
+    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args_hst)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", masked_load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", masked_store)
+    monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(torch.empty_like))
+
+
+@pytest.mark.parametrize("case", ["window-and-segments-gqa4-fp32", "long-segment-interior-tiles-fp32",
+                                  "odd-T-many-short-gqa4-fp32", "T17-gqa4-window2", "non-causal-segments"])
+def test_kernels_touch_only_their_arguments_and_write_every_output(bounds_checked_interpreter, case):
+    if case == "non-causal-segments":
+        q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 33, 32, torch.float32))
+        check_against_reference(q, k, v, causal=False, segment_ids=packed_segments((10, 23), (33,)))
+        return
+    B, H, H_kv, T, D, dtype, W, lengths = {**CASES, **SEGMENT_CASES}[case]
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, H, H_kv, T, D, dtype, seed=3))
+    check_against_reference(q, k, v, sliding_window=W, segment_ids=packed_segments(*lengths) if lengths else None)
+    # The hook itself bites: K and V one row shorter than Q (fresh storage), so the last key tile reads past them.
+    k_short, v_short = (x.detach()[:, :, :T - 1].clone() for x in (k, v))
+    with pytest.raises(Exception, match="addresses outside the launch tensors"):
+        attn._triton_forward(q.detach(), k_short, v_short, True, W, None, None, 1.0)
 
 
 @pytest.mark.parametrize("W,lengths", [(None, None), (6, [(9, 8)])])
@@ -308,7 +391,7 @@ def test_cpu_torch_path_matches_reference(monkeypatch, W, lengths):
     q, k, v = random_qkv(1, 4, 2, 17, 24, torch.float32)  # D=24: any head dim on this path
     seg = packed_segments(*lengths) if lengths else None
     o = attn.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
-    torch.testing.assert_close(o, attn.attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
+    torch.testing.assert_close(o, attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +448,7 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
     do = torch.randn_like(o)
     o.backward(do)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = compiled.attention_reference(*ref_in, True, W, seg)
+    ref = attention_reference(*ref_in, True, W, seg)
     ref.backward(do.float())
     for name, got, want in (("out", o, ref), ("dq", q.grad, ref_in[0].grad),
                             ("dk", k.grad, ref_in[1].grad), ("dv", v.grad, ref_in[2].grad)):

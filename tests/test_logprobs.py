@@ -9,6 +9,7 @@ module imported triton first, and they do not leak the interpreter into other mo
 
 import pytest
 import torch
+import triton
 
 from kernels import logprobs
 from kernels.logprobs import token_logprobs
@@ -243,6 +244,21 @@ def test_softmax_grad_writes_16bit_dz_over_its_own_logits(monkeypatch):
     assert (dz.float() - expected).abs().max().item() <= 2.0 ** -11      # one fp16 rounding of values <= 1
     assert (out_lse - lse).abs().max().item() <= 1e-5
     assert torch.allclose(logp[ok], expected_logp[ok], atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+def test_fused_forward_over_vocabulary_splits_matches_full_softmax(monkeypatch, splits):
+    # The fused forward splits the vocabulary across programs (to fill the GPU at small N) and merges the
+    # splits' partial stats with a log-sum-exp combine. V = 1003 in splits of 128-column multiples: the
+    # last split partial; 8 splits of 128 leave a last split of 107 columns.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    hidden, weight, targets = make_inputs(torch.float32)
+    logp, lse, entropy = logprobs._triton_forward(hidden, weight, targets, IGNORE, splits=splits)
+    ref_logp, ref_lse, ref_entropy, _, _ = reference(hidden, weight, targets, torch.zeros(N))
+    for actual, expected in ((logp, ref_logp), (lse, ref_lse), (entropy, ref_entropy)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    v_split = logprobs._vocab_split(N, V, None, True, splits)
+    assert triton.cdiv(V, v_split) == splits
 
 
 def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
