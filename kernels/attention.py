@@ -8,8 +8,8 @@
 # seg[b, i] == seg[b, j] (segment_ids: packed rows). causal=False keeps only the segment rule.
 #
 # Layout: autotuning, the Triton kernels (forward, then the three backward kernels), the autograd
-# Function, flash_attention (validation + dispatch). Beside it: kernels/masks.py (dense mask, segment
-# bounds), kernels/tuning.py (autotune lists per GPU); the dense reference is in tests/test_attention.py.
+# Function, flash_attention (dispatch), and the dense torch reference. Beside it: kernels/masks.py (dense
+# mask, segment bounds, input checks), kernels/tuning.py (autotune lists per GPU).
 #
 # Dispatch: CUDA tensors run the Triton kernels. CPU tensors run torch's SDPA with the same boolean
 # mask, unless TRITON_INTERPRET=1, in which case the Triton kernels run in Triton's interpreter
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
-from kernels.masks import attention_mask, segment_bounds
+from kernels.masks import attention_mask, check_inputs, segment_bounds
 
 # Triton decides interpreter-vs-compiled when each @triton.jit decorator runs (it reads
 # TRITON_INTERPRET through triton.knobs at that moment), so this module's kernels are interpreted
@@ -34,7 +34,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # The kernels work in base 2 (exp2 and log2 are the cheap instructions): scores are multiplied by
 # scale * log2(e) once, and the saved natural-log lse is converted back and forth with LOG2E.
 LOG2E = tl.constexpr(1.4426950408889634)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,47 +532,9 @@ class _FlashAttention(torch.autograd.Function):
 # Public entry point
 
 
-def _check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a 4-d tensor, (B, H, T, D) for q and (B, H_kv, T, D) for k/v; got {got}")
-    B, H, T, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, H_kv, T, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    Bk, H_kv, Tk, Dk = k.shape
-    if (Bk, Tk, Dk) != (B, T, D):
-        raise ValueError(f"k/v must match q in batch, length and head dim: q is (B, H, T, D) = {tuple(q.shape)}, "
-                         f"k is {tuple(k.shape)}")
-    if H_kv == 0 or H % H_kv != 0:
-        raise ValueError(f"number of query heads H={H} must be a multiple of the number of kv heads H_kv={H_kv}")
-    if T == 0:
-        raise ValueError("sequence length T must be at least 1; got q of shape " + str(tuple(q.shape)))
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among float16, bfloat16, float32; "
-                         f"got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
-    if sliding_window is not None:
-        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive int or None; got {sliding_window!r}")
-        if not causal:
-            raise ValueError("sliding_window requires causal=True (a window over future tokens is not supported)")
-    if segment_ids is not None:
-        if not isinstance(segment_ids, torch.Tensor) or tuple(segment_ids.shape) != (B, T):
-            got = tuple(segment_ids.shape) if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
-            raise ValueError(f"segment_ids must be a (B, T) = {(B, T)} tensor; got {got}")
-        if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
-            raise ValueError(f"segment_ids must have an integer dtype; got {segment_ids.dtype}")
-        if segment_ids.device != q.device:
-            raise ValueError(f"segment_ids must be on q's device {q.device}; got {segment_ids.device}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive number or None; got {softmax_scale!r}")
-
-
 def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
     """Attention over q (B, H, T, D) and k, v (B, H_kv, T, D) -> (B, H, T, D); convention at the top."""
-    _check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
+    check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
     B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -595,3 +556,16 @@ def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None,
     # Segment ids of any integer dtype and layout: the kernels read only segment_bounds' int32 table.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     return _FlashAttention.apply(q, k, v, bool(causal), sliding_window, segment_ids, scale)
+
+
+def reference_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+    """Dense-mask attention in fp32; slow and simple, the yardstick the tests hold the kernels to."""
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
+    mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)

@@ -91,19 +91,6 @@ def random_qkv(B, H, H_kv, T, D, dtype, seed=0):
     return [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv)]
 
 
-def attention_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
-    """Dense-mask attention in fp32; slow and simple, the yardstick for the kernels."""
-    B, H, T, D = q.shape
-    group = H // k.shape[1]
-    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
-    mask = attn.attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)
-
-
 def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
                             leaves=None, to_bhtd=lambda g: g):
     """Run flash_attention forward and backward; compare output and dq, dk, dv with the reference.
@@ -117,7 +104,7 @@ def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_i
     o.backward(do)
 
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attention_reference(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
+    ref = attn.reference_attention(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
     ref.backward(do.float())
 
     errors = {"out": assert_close(o, ref, "output")}
@@ -391,7 +378,7 @@ def test_cpu_torch_path_matches_reference(monkeypatch, W, lengths):
     q, k, v = random_qkv(1, 4, 2, 17, 24, torch.float32)  # D=24: any head dim on this path
     seg = packed_segments(*lengths) if lengths else None
     o = attn.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
-    torch.testing.assert_close(o, attention_reference(q, k, v, True, W, seg), rtol=0, atol=1e-5)
+    torch.testing.assert_close(o, attn.reference_attention(q, k, v, True, W, seg), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +435,7 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
     do = torch.randn_like(o)
     o.backward(do)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attention_reference(*ref_in, True, W, seg)
+    ref = attn.reference_attention(*ref_in, True, W, seg)
     ref.backward(do.float())
     for name, got, want in (("out", o, ref), ("dq", q.grad, ref_in[0].grad),
                             ("dk", k.grad, ref_in[1].grad), ("dv", v.grad, ref_in[2].grad)):
