@@ -60,6 +60,7 @@ from benchmarks.generate import GEN, case_generate  # noqa: E402
 from benchmarks.gpu import case_gpu_sft, run_gpu  # noqa: E402
 from benchmarks.harness import BENCH_MODEL, MIB, SEED, fmt, set_threads, spawn  # noqa: E402
 from benchmarks.sft import SFT, case_sft, chat_layout  # noqa: E402
+from kernels.bench import cpu_name  # noqa: E402
 
 QUIET = 0.25          # a step during which other processes used less than this many cores counts as quiet
 
@@ -207,12 +208,7 @@ def print_table(title, s, cols):
 
 
 def header():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     versions = [f"torch {torch.__version__}"]
     for m in ("transformers", "trl", "accelerate", "datasets"):
         try:

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from benchmarks.harness import LR, ROOT, SEED, fmt, proc_status, spawn
+from benchmarks.harness import LR, ROOT, SEED, fmt, spawn
+from kernels.bench import proc_status
 
 # -----------------------------------------------------------------------------
 # GPU: 1-GPU SFT throughput of the ~1B preset (bf16 mixed precision, FSDP2 on one rank, as sft.py runs it)

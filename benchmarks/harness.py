@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from kernels.bench import proc_status, reset_peak_rss
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=256, intermediate_size=896, num_hidden_layers=4,
@@ -22,25 +24,7 @@ SEED = 0
 
 
 # -----------------------------------------------------------------------------
-# Memory and timing helpers (used inside a measurement subprocess)
-
-
-def proc_status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss():
-    # Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS. Returns the current RSS.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        print("warning: cannot reset VmHWM; peaks include the setup", file=sys.stderr)
-    return proc_status("VmRSS")
+# Timing and memory of one measurement (inside its subprocess); the RSS readers are kernels/bench.py's
 
 
 class Meter:

@@ -34,13 +34,16 @@ from kernels.logprobs import CPU_CHUNK_BYTES, token_logprobs
 MIB = 2**20
 
 
-def print_header():
-    cpu = platform.processor() or platform.machine()
+def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def print_header():
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     import triton
     print(f"machine: {platform.node()} | {cpu} x {os.cpu_count()} cores (torch threads {torch.get_num_threads()}) | GPU: {gpu}")
@@ -108,17 +111,17 @@ def bench_logprobs_gpu():
             f"{cells[i]:>15} {row[m][0] / nm:5.0%} {nt / row[m][1]:5.2f}x" for i, m in enumerate(METHODS) if i > 0))
 
 
-def _peak_rss_reset():
+def reset_peak_rss():
     # Linux >= 4.0: writing 5 resets VmHWM to the current RSS. Returns the current RSS in bytes.
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         print("warning: cannot reset VmHWM; the peak may include earlier allocations", file=sys.stderr)
-    return _proc_status("VmRSS")
+    return proc_status("VmRSS")
 
 
-def _proc_status(field):
+def proc_status(field):
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -129,11 +132,11 @@ def _proc_status(field):
 def measure_cpu_memory(method, N, D, V):
     """Runs in a fresh process (see the module docstring): extra peak bytes and time of one step."""
     inputs = make_inputs(N, D, V, torch.float32, "cpu")
-    rss = _peak_rss_reset()
+    rss = reset_peak_rss()
     t0 = time.perf_counter()
     train_step(method, *inputs)
     seconds = time.perf_counter() - t0
-    return dict(extra_bytes=_proc_status("VmHWM") - rss, seconds=seconds)
+    return dict(extra_bytes=proc_status("VmHWM") - rss, seconds=seconds)
 
 
 def _in_fresh_process(method, N, D, V):
