@@ -87,8 +87,12 @@ def draw(stages, runs, out_dir):
 
     sft = {n: r for n, r in stages.items() if kind(r) == "sft"}
     if sft:
-        fig, axes = plt.subplots(1, len(sft), figsize=(4.5 * len(sft), 3.4), squeeze=False)
-        for ax, (name, r) in zip(axes[0], sft.items()):
+        cols = min(3, len(sft))  # three stages a row (base, dSFT, SFT on chosen): one row per seed
+        rows = -(-len(sft) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+        for ax in axes.flat[len(sft):]:
+            ax.axis("off")
+        for ax, (name, r) in zip(axes.flat, sft.items()):
             for key, style in zip(SFT_KEYS, ("-", "o-")):
                 x, y = series(r, key)
                 if x:
@@ -107,12 +111,13 @@ def draw(stages, runs, out_dir):
             for i, (name, r) in enumerate(dpo.items()):
                 color = f"C{i}"
                 x, y = series(r, key)
-                ax.plot(x, y, "-", color=color, lw=1, label=f"{name} train")
+                ax.plot(x, y, "-", color=color, lw=1, label=name)
                 x, y = series(r, "eval_" + key)
-                ax.plot(x, y, "o--", color=color, ms=3, label=f"{name} eval")
-            ax.set_title(key)
+                ax.plot(x, y, "o--", color=color, ms=3)
+            ax.set_title(f"{key} (line: train, dots: eval)")
             ax.set_xlabel("step")
-            ax.legend(fontsize=7)
+        # One legend for both panels, beside them: with several runs it would cover the curves.
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, out_dir, "dpo_rewards.png", plt))
 
@@ -141,7 +146,7 @@ def draw(stages, runs, out_dir):
 def _save(fig, out_dir, name, plt):
     path = os.path.join(out_dir, name)
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # tight: keeps a legend placed beside the axes
     plt.close(fig)
     os.replace(tmp, path)  # atomic: a reader never sees half a PNG
     return path
