@@ -9,9 +9,9 @@ conversation rendered with the Zephyr template, loss on the assistant turns only
 
 A row needs only `messages`, a list of {role, content} with role system (first only), user or assistant;
 `prompt` and `prompt_id` are ignored. A row with a `text` string instead (and no `messages`) is plain text for
-pre-training a base model (run.sh tiny's base stage): BOS + text + EOS, no template, loss on every token. A row that cannot be trained on is reported on stderr with its file,
-row number and reason, skipped, and counted by reason in the summary and in the split's json; --strict
-makes the first one fatal. Row numbers are 1-based: the line number in a .jsonl, the position in a .json
+pre-training a base model (run.sh tiny's base stage): BOS + text + EOS, no template, loss on every token.
+A row that cannot be trained on is reported on stderr with its file, row number and reason, skipped, and
+counted by reason in the summary and in the split's json; --strict makes the first one fatal. Row numbers are 1-based: the line number in a .jsonl, the position in a .json
 list or a parquet file.
 
 Runtime imports: numpy, tqdm, the standard library, data/ (and pyarrow, only for parquet files).
@@ -168,6 +168,14 @@ def check_message(i, m):
             raise BadRow("missing_field", f"messages[{i}]['{field}'] missing")
 
 
+def check_utf8(text, where):
+    """A JSON-escaped lone surrogate ("\\ud800") decodes to a str that no tokenizer or UTF-8 file can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRow("invalid_unicode", f"{where}: lone surrogate at {e.start}") from None
+
+
 def check_row(row):
     """The row's messages if it is a conversation we can train on, its text (a str) if it is a plain-text row,
     else raise BadRow saying why."""
@@ -176,10 +184,7 @@ def check_row(row):
     if "messages" not in row and "text" in row:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise BadRow("bad_text", "field 'text': expected a non-empty string")
-        try:
-            row["text"].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise BadRow("invalid_unicode", f"field 'text': lone surrogate at {e.start}") from None
+        check_utf8(row["text"], "field 'text'")
         return row["text"]
     messages = row.get("messages")
     if messages is None:
@@ -196,10 +201,7 @@ def check_row(row):
         if not isinstance(m["content"], str):
             raise BadRow("content_not_a_string", f"messages[{i}]['content']: expected a string, "
                                                  f"got {type(m['content']).__name__}")
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as e:  # a JSON-escaped lone surrogate ("\ud800") decodes to such a str
-            raise BadRow("invalid_unicode", f"messages[{i}]['content']: lone surrogate at {e.start}") from None
+        check_utf8(m["content"], f"messages[{i}]['content']")
         if m["role"] == "system" and i > 0:
             raise BadRow("system_not_first", f"messages[{i}]['role']: a system message may only come first")
     if not any(m["role"] == "assistant" for m in messages):
