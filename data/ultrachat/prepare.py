@@ -11,8 +11,8 @@ A row needs only `messages`, a list of {role, content} with role system (first o
 `prompt` and `prompt_id` are ignored. A row with a `text` string instead (and no `messages`) is plain text for
 pre-training a base model (run.sh tiny's base stage): BOS + text + EOS, no template, loss on every token.
 A row that cannot be trained on is reported on stderr with its file, row number and reason, skipped, and
-counted by reason in the summary and in the split's json; --strict makes the first one fatal. Row numbers are 1-based: the line number in a .jsonl, the position in a .json
-list or a parquet file.
+counted by reason in the summary and in the split's json; --strict makes the first one fatal. Row numbers
+are 1-based: the line number in a .jsonl, the position in a .json list or a parquet file.
 
 Runtime imports: numpy, tqdm, the standard library, data/ (and pyarrow, only for parquet files).
 """
