@@ -10,6 +10,7 @@ import atexit
 import dataclasses
 import difflib
 import gc
+import glob
 import hashlib
 import json
 import math
@@ -388,9 +389,10 @@ def check_out_dir(cfg, d):
                          "delete it and start over)")
     if cfg.resume:
         return
-    ckpt_dir, hf_dir = os.path.join(cfg.out_dir, "ckpt"), os.path.join(cfg.out_dir, "hf")
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     old = sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
-    old += [hf_dir] if os.path.exists(hf_dir) else []
+    exports = sorted(glob.glob(os.path.join(cfg.out_dir, "hf")) + glob.glob(os.path.join(cfg.out_dir, "hf_step_*")))
+    old += exports  # the final export and sft.py's intermediate ones (export_every)
     if not old:
         return
     if not cfg.overwrite:
@@ -400,7 +402,7 @@ def check_out_dir(cfg, d):
                               "another --out_dir")
     dist.barrier()  # every rank has looked before rank 0 deletes
     if d.main:
-        for path in (ckpt_dir, hf_dir):
+        for path in [ckpt_dir, *exports]:
             shutil.rmtree(path, ignore_errors=True)
         print(f"--overwrite=true: deleted {', '.join(old)}")
     dist.barrier()

@@ -10,8 +10,11 @@ Ensemble members (`models`, separated by ';') and the judge (`judge`) are each o
     URL|model=NAME[|key_env=VAR]          an OpenAI-compatible server: POST URL/chat/completions; the key is read
                                           from the environment variable VAR and sent as a Bearer token, never
                                           printed or written
-    module:function                       judge only: a Python function (prompt text, answer) -> float
-Any member may add |name=LABEL: what raw.jsonl records as its `model` (default: the path, or the model name).
+    module:function                       a Python function. As a member: (chat messages) -> answer text, and
+                                          it may take a keyword `seed` for its own sampling (generation.
+                                          FunctionModel); as the judge: (prompt text, answer) -> float
+Any member may add |name=LABEL: what raw.jsonl records as its `model` (default: the path, the model name or
+module:function).
 Every rank holds its own copy of each local member and of a local judge; a pool too big for that is better
 served by an inference server behind an endpoint.
 
@@ -22,7 +25,9 @@ Outputs in out_dir:
                           response, annotations {aspect: {Rating}}, mean_score, ...}], in input order
     pairs.jsonl           ultrafeedback_binarized's schema: prompt, prompt_id, chosen, rejected, messages,
                           score_chosen, score_rejected
-    summary.json, config.json, metrics.jsonl
+    summary.json          counts (prompts, answers, failures, ties, pairs), mean scores, and per member its
+                          answers, mean score and how often it was chosen and rejected
+    config.json, metrics.jsonl
 
 Restarts: with resume=true (the default) a run continues from the part files in out_dir, provided the settings
 that decide the results are those of config.json there (otherwise it refuses, naming them); resume=false
@@ -346,36 +351,69 @@ def mean_score(annotations):
 # Binarization (Zephyr's)
 
 
-def binarize(row, context, seed):
-    """chosen = the answer with the highest mean score (the first of them on a tie at the top); rejected = one
-    of the other rated answers at random, seeded by (seed, prompt_id) alone; the pair is dropped when the two
-    scores tie. Returns (pair or None, "pair" | "tie" | "too_few_rated"). The messages are the prompt's own
-    context plus the answer: principle system prompts are left out, as ultrafeedback_binarized leaves them
-    out, so chosen and rejected share the prompt DPO trains on."""
+def pick(row, seed):
+    """Zephyr's binarization of one raw row: (chosen, rejected, why) completions, why "pair" | "tie" |
+    "too_few_rated" (chosen and rejected are None unless "pair"). chosen = the answer with the highest mean score
+    (the first of them on a tie at the top); rejected = one of the other rated answers at random, seeded by
+    (seed, prompt_id) alone; a pair whose two scores tie is dropped."""
     rated = [c for c in row["completions"] if c["mean_score"] is not None]
     if len(rated) < 2:
-        return None, "too_few_rated"
+        return None, None, "too_few_rated"
     best = max(range(len(rated)), key=lambda i: rated[i]["mean_score"])
     chosen = rated[best]
     rejected = random.Random(seed_of(seed, row["prompt_id"], "rejected")).choice(rated[:best] + rated[best + 1:])
     if rejected["mean_score"] == chosen["mean_score"]:
-        return None, "tie"
+        return None, None, "tie"
+    return chosen, rejected, "pair"
+
+
+def pair_row(row, context, chosen, rejected):
+    """ultrafeedback_binarized's row. The messages are the prompt's own context plus the answer: principle system
+    prompts are left out, as ultrafeedback_binarized leaves them out, so chosen and rejected share the prompt DPO
+    trains on."""
     chosen_msgs = context + [{"role": "assistant", "content": chosen["response"]}]
     return {"prompt": row["instruction"], "prompt_id": row["prompt_id"], "chosen": chosen_msgs,
             "rejected": context + [{"role": "assistant", "content": rejected["response"]}],
             "messages": chosen_msgs, "score_chosen": chosen["mean_score"],
-            "score_rejected": rejected["mean_score"]}, "pair"
+            "score_rejected": rejected["mean_score"]}
+
+
+def binarize(row, context, seed):
+    """(pair or None, "pair" | "tie" | "too_few_rated"): pick, then pair_row."""
+    chosen, rejected, why = pick(row, seed)
+    return (pair_row(row, context, chosen, rejected) if why == "pair" else None), why
+
+
+def member_stats(raw, picks):
+    """Per ensemble member (raw.jsonl's `model`): answers, failed ones, mean score, and how often Zephyr's
+    binarization chose it and rejected it. picks: pick()'s (chosen, rejected, why) per raw row."""
+    stats = {}
+    for row in raw:
+        for c in row["completions"]:
+            s = stats.setdefault(c["model"], {"answers": 0, "failed": 0, "scores": [], "chosen": 0, "rejected": 0})
+            s["answers"] += 1
+            s["failed"] += c["response"] is None
+            if c["mean_score"] is not None:
+                s["scores"].append(c["mean_score"])
+    for chosen, rejected, why in picks:
+        if why == "pair":
+            stats[chosen["model"]]["chosen"] += 1
+            stats[rejected["model"]]["rejected"] += 1
+    for s in stats.values():
+        scores = s.pop("scores")
+        s["mean_score"] = round(sum(scores) / len(scores), 4) if scores else None
+    return stats
 
 
 def merge(cfg, prompts, malformed, run_stats):
     """Rank 0, after every rank is done: raw.jsonl and pairs.jsonl in input order, and summary.json."""
     raw = generation.read_finished(cfg, prompts, "prompt_id")
+    picks = [pick(row, cfg.seed) for row in raw]
     pairs, reasons = [], {"pair": 0, "tie": 0, "too_few_rated": 0}
-    for row, prompt in zip(raw, prompts):
-        pair, why = binarize(row, prompt["context"], cfg.seed)
+    for row, prompt, (chosen, rejected, why) in zip(raw, prompts, picks):
         reasons[why] += 1
-        if pair is not None:
-            pairs.append(pair)
+        if why == "pair":
+            pairs.append(pair_row(row, prompt["context"], chosen, rejected))
     write_jsonl(os.path.join(cfg.out_dir, "raw.jsonl"), raw)
     write_jsonl(os.path.join(cfg.out_dir, "pairs.jsonl"), pairs)
     comps = [c for row in raw for c in row["completions"]]
@@ -389,7 +427,8 @@ def merge(cfg, prompts, malformed, run_stats):
                "unrated_answers": sum(c["response"] is not None and c["mean_score"] is None for c in comps),
                "too_few_rated": reasons["too_few_rated"], "ties_dropped": reasons["tie"], "pairs": len(pairs),
                "mean_score": mean(scores), "mean_score_chosen": mean([p["score_chosen"] for p in pairs]),
-               "mean_score_rejected": mean([p["score_rejected"] for p in pairs]), **run_stats}
+               "mean_score_rejected": mean([p["score_rejected"] for p in pairs]),
+               "members": member_stats(raw, picks), **run_stats}
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
@@ -399,7 +438,7 @@ def merge(cfg, prompts, malformed, run_stats):
 
 def check_config(cfg):
     if not cfg.models.strip():
-        raise ValueError("config models: empty; name at least one member (PATH or URL|model=NAME)")
+        raise ValueError("config models: empty; name at least one member (PATH, URL|model=NAME or module:function)")
     if not cfg.judge.strip():
         raise ValueError("config judge: empty; name a PATH, URL|model=NAME or module:function")
     generation.check_dtype(cfg)
@@ -415,8 +454,10 @@ def main(argv):
     cfg = common.parse_config(Config, argv)
     check_config(cfg)
     member_specs = [parse_spec(s, "models") for s in cfg.models.split(";") if s.strip()]
-    if any(s["kind"] == "function" for s in member_specs):
-        raise ValueError("config models: a member must be a local directory or an endpoint, not module:function")
+    names = [s["name"] for s in member_specs]
+    if len(set(names)) < len(names):  # raw.jsonl and the summary tell members apart by name
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"config models: two members are named {dup!r}; give one of them |name=LABEL")
     judge_spec = parse_spec(cfg.judge, "judge")
     d = common.setup_dist(cfg.device)
     t_start = time.time()
@@ -431,7 +472,7 @@ def main(argv):
 
     def start_worker():
         loaded = {}
-        members = [(s, load_client(s, cfg, d, loaded)) for s in member_specs]
+        members = [(s, load_client(s, cfg, d, loaded, answers=True)) for s in member_specs]
         judge = load_client(judge_spec, cfg, d, loaded)
 
         def work(batch, j):

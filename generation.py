@@ -9,6 +9,7 @@ import glob
 import hashlib
 import http.client
 import importlib
+import inspect
 import json
 import os
 import re
@@ -67,8 +68,8 @@ def failure(error):
 
 
 # -----------------------------------------------------------------------------
-# Clients: LocalModel and Endpoint answer generate(chats, max_new_tokens, temperature, top_p, generator) with
-# one dict(text, finish_reason, tokens, error) per chat; a function judge is called as it is
+# Clients: LocalModel, Endpoint and FunctionModel answer generate(chats, max_new_tokens, temperature, top_p,
+# generator) with one dict(text, finish_reason, tokens, error) per chat; a function judge is called as it is
 
 
 class LocalModel:
@@ -97,6 +98,37 @@ class LocalModel:
                 stop = bool(row) and row[-1] == self.tok.eos_id
                 out[i] = dict(text=self.tok.decode(row[:-1] if stop else row), tokens=len(row), error=None,
                               finish_reason="stop" if stop else "length")
+        return out
+
+
+class FunctionModel:
+    """A Python function that answers chats, e.g. a feedback.py ensemble member: fn(messages) -> answer text,
+    messages as chat dicts ending in the user turn; one call per chat. The sampling settings are the function's
+    own business (max_new_tokens, temperature and top_p are not passed). A function that samples may take a
+    keyword `seed`: it then gets one per chat, drawn from the caller's generator as a local model draws its
+    samples, so its answers do not depend on the number of ranks or on restarts. An exception or a reply that
+    is not text is recorded as that chat's failure, as an endpoint's failed request is."""
+
+    def __init__(self, fn, name):
+        self.fn, self.name = fn, name
+        self.takes_seed = "seed" in inspect.signature(fn).parameters
+
+    def generate(self, chats, max_new_tokens, temperature, top_p, generator=None):
+        out = []
+        for messages in chats:
+            kw = {}
+            if self.takes_seed:
+                kw["seed"] = int(torch.randint(2**62, (1,), generator=generator,
+                                               device=generator.device if generator is not None else "cpu"))
+            try:
+                text = self.fn(messages, **kw)
+                if isinstance(text, str):
+                    check_utf8(text, "reply")
+            except Exception as e:  # one bad answer must not cost the batch
+                out.append(failure(f"{self.name}: {type(e).__name__}: {e}"))
+                continue
+            out.append(dict(text=text, finish_reason="stop", tokens=0, error=None) if isinstance(text, str) else
+                       failure(f"{self.name}: returned {type(text).__name__}, not a string"))
         return out
 
 
@@ -209,9 +241,10 @@ def local_dtype(cfg, d):
     return getattr(torch, cfg.dtype)
 
 
-def load_client(spec, cfg, d, loaded):
-    """A parse_spec dict -> LocalModel, Endpoint or function. A local checkpoint is loaded once per rank, even
-    when it plays several parts. cfg provides dtype and the endpoint settings (request_timeout, ...)."""
+def load_client(spec, cfg, d, loaded, answers=False):
+    """A parse_spec dict -> LocalModel, Endpoint or function (with answers=True: a FunctionModel, a function that
+    answers chats). A local checkpoint is loaded once per rank, even when it plays several parts. cfg provides
+    dtype and the endpoint settings (request_timeout, ...)."""
     if spec["kind"] == "endpoint":
         return Endpoint(spec["target"], spec["model"], spec.get("key_env"), cfg)
     if spec["kind"] == "function":
@@ -222,7 +255,7 @@ def load_client(spec, cfg, d, loaded):
             raise ValueError(f"config {spec['field']}: cannot import {module} ({e})") from None
         if not callable(fn):
             raise ValueError(f"config {spec['field']}: {module} has no function {name}")
-        return fn
+        return FunctionModel(fn, spec["name"]) if answers else fn
     if spec["target"] not in loaded:
         loaded[spec["target"]] = LocalModel(spec["target"], d.device, local_dtype(cfg, d))
     return loaded[spec["target"]]

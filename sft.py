@@ -51,6 +51,8 @@ class Config:
     eval_rows: int = 64
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    export_every: int = 0                         # > 0: also export out_dir/hf_step_N every N steps (HF format:
+                                                  # sample from or evaluate an intermediate model)
     resume: bool = False
     overwrite: bool = False                       # with resume=false: delete out_dir's checkpoints and hf/
     stop_after: int = -1                          # end this process after this step (time-limited jobs)
@@ -271,6 +273,8 @@ def main(argv):
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             metrics["eval_loss"] = evaluate(model, test, eval_rows, cfg, d)
         log.log(step, **metrics)
+        if cfg.export_every > 0 and step % cfg.export_every == 0 and step < total_steps:
+            common.export_hf(model, mcfg, f"{cfg.out_dir}/hf_step_{step}", d, tokenizer, getattr(torch, cfg.export_dtype))
         last_ckpt, stop = common.end_of_step(cfg, step, total_steps, model, optimizer, d, log, last_ckpt)
         if stop:
             return

@@ -378,3 +378,116 @@ def test_parse_spec_forms(tiny_model):
                           ("/no/such/dir", "not a Hugging Face directory")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             generation.parse_spec(spec, "models")
+
+
+# ---------------------------------------------------------------------------------------------
+# Function members and the per-prompt draw from the pool (UltraFeedback: 4 of 17 members per prompt)
+
+
+def member_fixed(messages):
+    return "fixed: " + messages[-1]["content"][:12]
+
+
+def member_seeded(messages, seed):
+    # Samples: its answer is a function of the seed feedback.py hands it.
+    return f"seeded {seed % 100_003}"
+
+
+def member_broken(messages):
+    if "Say hi" in messages[-1]["content"]:
+        raise RuntimeError("cannot say hi")
+    return "fine"
+
+
+def member_not_text(messages):
+    return 42
+
+
+POOL = ";".join(["test_feedback:member_fixed|name=fixed", "test_feedback:member_seeded|name=seeded",
+                 "test_feedback:member_broken|name=broken", "test_feedback:member_seeded|name=seeded-2"])
+
+
+def test_function_members_answer_under_their_labels_and_failures_are_recorded():
+    spec = generation.parse_spec("test_feedback:member_seeded|name=lbl", "models")
+    client = generation.load_client(spec, None, None, {}, answers=True)
+    gen = torch.Generator().manual_seed(5)
+    chats = [[{"role": "user", "content": "Q"}]] * 3
+    out = client.generate(chats, 8, 1.0, 1.0, gen)
+    draws = torch.randint(2**62, (3,), generator=torch.Generator().manual_seed(5))  # one seed per chat, in order
+    assert [o["text"] for o in out] == [f"seeded {int(s) % 100_003}" for s in draws]
+    assert all(o["error"] is None and o["finish_reason"] == "stop" for o in out)
+    assert generation.load_client(spec, None, None, {}) is member_seeded  # as a judge: the function itself
+    for name, fn, message in (("broken", member_broken, "RuntimeError: cannot say hi"),
+                              ("not-text", member_not_text, "returned int, not a string")):
+        r = generation.FunctionModel(fn, name).generate([[{"role": "user", "content": "Say hi"}]], 8, 1.0, 1.0)[0]
+        assert r["text"] is None and r["error"] == f"{name}: {message}"
+
+
+def pool_args(prompts, model, out, **kw):
+    return args(prompts, f"{POOL};{model}|name=local", out, models_per_prompt=4, answers_per_member=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def pool_run(prompts_file, tiny_model, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pool"))
+    run([sys.executable, "feedback.py", *pool_args(prompts_file, tiny_model, out)], env=ENV)
+    return out
+
+
+def test_four_distinct_members_per_prompt_every_member_used_and_counted(pool_run):
+    raw = read_jsonl(os.path.join(pool_run, "raw.jsonl"))
+    names = {"fixed", "seeded", "broken", "seeded-2", "local"}
+    for row in raw:
+        drawn = [c["model"] for c in row["completions"]]
+        assert len(drawn) == 4 and len(set(drawn)) == 4 and set(drawn) <= names, drawn  # no member twice
+    assert {c["model"] for row in raw for c in row["completions"]} == names  # every member of the pool answers
+    by_member = {}
+    for row in raw:
+        for c in row["completions"]:
+            by_member.setdefault(c["model"], []).append(c)
+            if c["model"] == "fixed":
+                assert c["response"] == "fixed: " + row["instruction"][:12]
+            if c["model"] == "broken" and row["instruction"] == "Say hi":
+                assert c["response"] is None and "cannot say hi" in c["error"]
+    # Two members running the same function draw their own seeds: their answers differ.
+    both = [row for row in raw if {"seeded", "seeded-2"} <= {c["model"] for c in row["completions"]}]
+    assert both and all(len({c["response"] for c in row["completions"] if c["model"].startswith("seeded")}) == 2
+                        for row in both)
+    # The summary counts each member's answers, and how often Zephyr's binarization chose and rejected it.
+    summary = json.load(open(os.path.join(pool_run, "summary.json")))
+    pairs = read_jsonl(os.path.join(pool_run, "pairs.jsonl"))
+    stats = summary["members"]
+    assert {m: s["answers"] for m, s in stats.items()} == {m: len(cs) for m, cs in by_member.items()}
+    assert sum(s["chosen"] for s in stats.values()) == sum(s["rejected"] for s in stats.values()) == len(pairs)
+    for m, cs in by_member.items():
+        scores = [c["mean_score"] for c in cs if c["mean_score"] is not None]
+        assert stats[m]["mean_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
+        assert stats[m]["failed"] == sum(c["response"] is None for c in cs)
+    for row in raw:  # each pair's chosen and rejected answers were written by the members counted for them
+        pair = next((p for p in pairs if p["prompt_id"] == row["prompt_id"]), None)
+        chosen, rejected, why = feedback.pick(row, 3)
+        assert (pair is not None) == (why == "pair")
+        if pair:
+            assert (chosen["response"], rejected["response"]) == (pair["chosen"][-1]["content"],
+                                                                  pair["rejected"][-1]["content"])
+
+
+def test_the_draw_is_a_function_of_the_prompt_the_same_on_two_ranks_and_after_a_kill(pool_run, prompts_file, tiny_model,
+                                                                                       tmp_path):
+    ref = read_jsonl(os.path.join(pool_run, "raw.jsonl"))
+    two = str(tmp_path / "two")
+    torchrun("feedback.py", pool_args(prompts_file, tiny_model, two), nproc=2, env=ENV)
+    killed = str(tmp_path / "killed")
+    cmd = [sys.executable, "feedback.py", *pool_args(prompts_file, tiny_model, killed)]
+    assert kill_after_lines(cmd, os.path.join(killed, "parts", "rank0.jsonl"), 1,
+                            env={**ENV, "FB_TEST_JUDGE_SLEEP": "0.1"}) < 12
+    run(cmd, env=ENV)
+    for out in (two, killed):
+        for name in ("raw.jsonl", "pairs.jsonl"):
+            assert open(os.path.join(out, name), "rb").read() == open(os.path.join(pool_run, name), "rb").read()
+    # The draw is plan_answers' of (seed, prompt_id) alone, and the members are in the pool's order.
+    cfg = feedback.Config(models_per_prompt=4, answers_per_member=1, principles=False, seed=3)
+    prompts, _ = feedback.read_prompts(prompts_file)
+    names = ["fixed", "seeded", "broken", "seeded-2", "local"]
+    for p, row in zip(reversed(prompts), reversed(ref)):
+        assert [names[m] for m, _ in feedback.plan_answers(p, 5, cfg)] == [c["model"] for c in row["completions"]]

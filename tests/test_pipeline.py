@@ -8,7 +8,10 @@ import subprocess
 from conftest import ROOT, read_jsonl
 
 
-ABLATION_ROWS = ["base", "dDPO without dSFT, plain", "dDPO without dSFT", "dSFT", "dSFT + SFT on chosen", "dSFT + dDPO", "dSFT + dDPO, round 2"]
+ABLATION_ROWS = ["base", "dDPO without dSFT, plain", "dDPO without dSFT", "dSFT", "dSFT + SFT on chosen", "dSFT + dDPO",
+                 "dSFT + dDPO, round 2", "dDPO without dSFT (on-policy)", "dSFT + SFT on chosen (on-policy)",
+                 "dSFT + dDPO (on-policy)", "dSFT + dDPO, round 2 (on-policy)"]
+POOL = {"teacher", "expert", "sloppy", "base", "dsft-step15"}  # QUICK's dSFT runs 30 steps: its export at step 15
 
 
 def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
@@ -18,7 +21,8 @@ def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
 
-    for stage in ("base", "sft", "dpo", "dpo_from_base", "dpo_from_base_plain", "sft_chosen", "dpo2"):
+    for stage in ("base", "sft", "dpo", "dpo_from_base", "dpo_from_base_plain", "sft_chosen", "dpo2", "dpo_onpolicy",
+                  "dpo_from_base_onpolicy", "sft_chosen_onpolicy", "dpo2_onpolicy"):
         hf = out / stage / "hf"
         assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                 "generation_config.json", "train_config.json"} <= set(os.listdir(hf))
@@ -29,6 +33,13 @@ def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
     raw = read_jsonl(out / "feedback" / "raw.jsonl")
     assert {"instruction", "source", "prompt_id", "completions"} <= set(raw[0])
     assert {"model", "principle", "response", "annotations"} <= set(raw[0]["completions"][0])
+    # The paper's AI feedback: 4 distinct members of the pool per prompt, never the dSFT model being aligned.
+    for row in raw:
+        drawn = [c["model"] for c in row["completions"]]
+        assert len(set(drawn)) == len(drawn) == 4 and set(drawn) <= POOL, drawn
+    assert {c["model"] for row in raw for c in row["completions"]} == POOL
+    assert {c["model"] for row in read_jsonl(out / "feedback_onpolicy" / "raw.jsonl") for c in row["completions"]} \
+        == {"dsft"}
     pairs = read_jsonl(out / "feedback" / "pairs.jsonl")
     assert pairs, "binarization produced no pairs"
     for row in pairs:
@@ -54,4 +65,14 @@ def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
     rows = {r["name"]: r for r in summary["rows"]}
     assert rows["dSFT"]["score"] == tiny["sft_score"] and rows["dSFT + dDPO"]["score"] == tiny["dpo_score"]
     assert summary["seconds"] >= tiny["seconds"]
+    for procedure in ("paper", "on-policy"):
+        b = summary["feedback"][procedure]
+        assert sum(b["contrasts"].values()) == b["pairs"] > 0
+        assert sum(m["chosen"] for m in b["members"].values()) == b["pairs"]
+    assert set(summary["feedback"]["paper"]["members"]) == POOL
+    assert tiny["aif"] == "paper" and tiny["feedback"] == summary["feedback"]["paper"]
+    stages = ["data", "base", "dsft", "feedback", "dpo", "eval", "summary"]
+    assert list(tiny["stage_seconds"]) == stages and all(s >= 0 for s in tiny["stage_seconds"].values())
+    assert list(summary["stage_seconds"]) == stages + ["abl_paper", "abl_onpolicy_fb", "abl_onpolicy", "abl_round2",
+                                                       "abl_eval"]
     assert "judge score" in p.stdout and "dSFT + dDPO, round 2" in p.stdout

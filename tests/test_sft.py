@@ -112,6 +112,21 @@ def test_stopped_and_resumed_run_equals_uninterrupted(one_rank, data_dir, tiny_t
     assert_same_run(one_rank, tmp_path)
 
 
+def test_intermediate_exports_hold_their_steps_weights_and_overwrite_removes_them(data_dir, tiny_tokenizer, tmp_path):
+    # A constant lr without warmup: the first two steps of a 2-step and a 5-step run are the same steps.
+    short, long_ = tmp_path / "short", tmp_path / "long"
+    common_args = dict(lr_schedule="constant", warmup_ratio=0.0, eval_every=0)
+    run([sys.executable, "sft.py", *sft_args(data_dir, short, tiny_tokenizer, max_steps=2, **common_args)])
+    run([sys.executable, "sft.py", *sft_args(data_dir, long_, tiny_tokenizer, export_every=2, **common_args)])
+    assert sorted(n for n in os.listdir(long_) if n.startswith("hf")) == ["hf", "hf_step_2", "hf_step_4"]
+    at_2 = Mistral.from_pretrained(str(long_ / "hf_step_2"), dtype=torch.float32).state_dict()
+    for name, w in weights(short).items():
+        assert torch.equal(at_2[name], w), name
+    assert not torch.equal(at_2["lm_head.weight"], weights(long_)["lm_head.weight"])
+    run([sys.executable, "sft.py", *sft_args(data_dir, long_, tiny_tokenizer, max_steps=1, overwrite="true")])
+    assert sorted(n for n in os.listdir(long_) if n.startswith("hf")) == ["hf"]
+
+
 def greedy_in_order(lengths, order, seq_len):
     # The packing sft.py used before best-fit decreasing ("before" in the fill comparison): fill a row in the
     # epoch's shuffled order until the next example does not fit.

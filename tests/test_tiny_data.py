@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -108,6 +109,27 @@ def test_teacher_noise_rates_match_the_constants():
     counts = collections.Counter(other)
     for kind in ("disclaimer", "refusal", "format_slip"):
         assert abs(counts[kind] / len(other) - 0.05) < 0.01
+
+
+def test_pool_writers_play_their_parts_on_2000_tasks():
+    # The AI-feedback pool's function members (data/tiny/pool.py): the teacher is the dSFT data's teacher (the
+    # same answer for the same seed), the expert is always right, the sloppy writer always wrong in the asked form.
+    from data.tiny import pool
+    rng = random.Random(4)
+    teacher_kinds = collections.Counter()
+    for i in range(2000):
+        t = make_task(rng)
+        msgs = [{"role": "system", "content": "x"}, {"role": "user", "content": t["prompt"]}]
+        assert pool.teacher(msgs, i) == teacher_answer(t, random.Random(i))
+        teacher_kinds[classify(t["prompt"], pool.teacher(msgs, i))] += 1
+        assert pool.expert(msgs) == t["answer"] and judge(t["prompt"], pool.expert(msgs)) == 1.0
+        s = pool.sloppy(msgs)
+        assert classify(t["prompt"], s) == "wrong" and not answer_correct(t["prompt"], s), (t["prompt"], s)
+        form = {"upper": r"[A-Z]+( [A-Z]+)*", "sort": r"\w+(, \w+)*"}.get(t["task"], r"\d+")
+        assert re.fullmatch(form, s), (t["prompt"], s)
+    assert abs(1 - teacher_kinds["correct"] / 2000 - 0.45) < 0.03  # the teacher's 45% noise (TINY.md)
+    with pytest.raises(ValueError, match="not one of the tiny task wordings"):
+        pool.expert([{"role": "user", "content": "Hello"}])
 
 
 # -----------------------------------------------------------------------------
@@ -302,6 +324,43 @@ def test_ablation_intervals_match_the_normal_approximation(tmp_path):
     assert rows["same"]["minus_dSFT_ci95"] == [0.0, 0.0]
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["rows"] == out["rows"] and saved["tiny"] == {"sft_score": 0.25} and saved["seconds"] == 12.0
+
+
+def test_feedback_breakdown_counts_contrasts_members_and_answer_kinds(tmp_path):
+    from data.tiny import report
+    rng = random.Random(5)
+    tasks = [make_task(rng, "max") for _ in range(3)]
+    wrong = [str(int(t["answer"]) + 1) for t in tasks]
+    raw = [{"instruction": t["prompt"], "completions": [
+        {"model": "expert", "response": t["answer"]}, {"model": "sloppy", "response": w},
+        {"model": "teacher", "response": "I'm sorry, I can't help with that."}, {"model": "base", "response": None}]}
+        for t, w in zip(tasks, wrong)]
+    def pair(t, a, b):
+        return {"prompt": t["prompt"], "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": b}]}
+    pairs = [pair(tasks[0], tasks[0]["answer"], wrong[0]), pair(tasks[1], tasks[1]["answer"], wrong[1]),
+             pair(tasks[2], tasks[2]["answer"], "I'm sorry, I can't help with that.")]
+    members = {"expert": {"answers": 3, "failed": 0, "mean_score": 1.0, "chosen": 3, "rejected": 0},
+               "sloppy": {"answers": 3, "failed": 0, "mean_score": 0.0, "chosen": 0, "rejected": 2},
+               "teacher": {"answers": 3, "failed": 0, "mean_score": 0.0, "chosen": 0, "rejected": 1},
+               "base": {"answers": 3, "failed": 3, "mean_score": None, "chosen": 0, "rejected": 0}}
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "summary.json").write_text(json.dumps({"prompts": 3, "pairs": 3, "ties_dropped": 0,
+                                                       "members": members}))
+    b = report.feedback_breakdown(str(tmp_path))
+    assert b["contrasts"] == {"correct > wrong": 2, "correct > refusal": 1}
+    assert b["answer_kind_rates"] == {"correct": round(1 / 3, 4), "disclaimer": 0.0, "refusal": round(1 / 3, 4),
+                                      "format_slip": 0.0, "wrong": round(1 / 3, 4)}  # 9 answers; 3 failed ones left out
+    assert b["members"]["expert"]["chosen_share"] == 1.0 and b["members"]["sloppy"]["rejected_share"] == 0.6667
+
+
+def test_stage_seconds_run_from_each_mark_to_the_next(tmp_path):
+    from data.tiny import report
+    (tmp_path / "stages.tsv").write_text("data\t100.0\nbase\t103.5\ndsft\t110.0\nsummary\t1e12\n")
+    s = report.stage_seconds(str(tmp_path / "stages.tsv"))
+    assert list(s) == ["data", "base", "dsft", "summary"] and (s["data"], s["base"]) == (3.5, 6.5)
+    assert s["dsft"] == round(1e12 - 110.0, 1)
 
 
 def test_plot_reads_training_curves_and_draws_them(tmp_path):

@@ -4,9 +4,10 @@ MT-Bench question file, judge through eval.py with the tasks' judge, and write t
     python data/tiny/report.py split PAIRS.jsonl OUT_DIR [--test_fraction 0.1]
     python data/tiny/report.py questions EVAL_PROMPTS.jsonl QUESTIONS.jsonl
     python data/tiny/report.py outputs ANSWERS.jsonl QUESTIONS.jsonl MODEL_OUTPUTS.json
-    python data/tiny/report.py summary RUN_DIR --seconds S
+    python data/tiny/report.py summary RUN_DIR --seconds S [--aif paper|on-policy] [--stages STAGES.tsv]
     python data/tiny/report.py chosen PAIRS_DIR OUT_DIR
-    python data/tiny/report.py ablation RUN_DIR --seconds S --rows NAME=EVAL_DIR ...
+    python data/tiny/report.py ablation RUN_DIR --seconds S --rows NAME=EVAL_DIR ... [--feedback NAME=DIR ...]
+        [--stages STAGES.tsv]
 
 The tiny "bench": the 500 held-out prompts as one-turn MT-Bench questions (category = the task), answered
 greedily by eval.py and graded by `mt_bench_judge`, which reads the question and answer out of eval.py's
@@ -30,6 +31,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import numpy as np
 
@@ -140,8 +142,9 @@ def per_prompt_scores(run_dir):
             for a in read_jsonl(os.path.join(run_dir, "answers.jsonl"))}
 
 
-def ablation(run_dir, seconds, rows, reference="dSFT", seed=0):
-    """rows: [(name, eval dir under run_dir)]. Scores with 95% bootstrap intervals; differences from `reference`."""
+def ablation(run_dir, seconds, rows, reference="dSFT", seed=0, feedback=(), stages_path=None):
+    """rows: [(name, eval dir under run_dir)]. Scores with 95% bootstrap intervals; differences from `reference`.
+    feedback: [(procedure, feedback dir under run_dir)], each broken down by feedback_breakdown."""
     per = {name: per_prompt_scores(os.path.join(run_dir, d)) for name, d in rows}
     qids = sorted(per[rows[0][0]])
     for name, scores in per.items():
@@ -167,28 +170,83 @@ def ablation(run_dir, seconds, rows, reference="dSFT", seed=0):
             row["minus_" + reference] = float((matrix[name] - ref).mean())
             row["minus_" + reference + "_ci95"] = [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
         out_rows.append(row)
-    out = {"rows": out_rows, "seconds": seconds, "bootstrap": BOOTSTRAP, "reference": reference}
+    out = {"rows": out_rows, "seconds": seconds, "bootstrap": BOOTSTRAP, "reference": reference,
+           "feedback": {name: feedback_breakdown(os.path.join(run_dir, d)) for name, d in feedback}}
+    if stages_path:
+        out["stage_seconds"] = stage_seconds(stages_path)
     # The run's summary.json becomes the ablation's; the tiny pipeline's summary written before it is kept inside.
     path = os.path.join(run_dir, "summary.json")
     if os.path.exists(path):
         previous = json.load(open(path))
         out["tiny"] = previous.get("tiny", previous) if "rows" in previous else previous
     atomic_write(path, (json.dumps(out, indent=2) + "\n").encode())
-    print(f"\n{'model':24}{'score':>7} {'95% interval':>14}{'- ' + reference:>9} {'95% interval':>15}"
+    width = max(24, max(len(name) for name, _ in rows) + 1)
+    print(f"\n{'model':{width}}{'score':>7} {'95% interval':>14}{'- ' + reference:>9} {'95% interval':>15}"
           f"{'correct':>9}{'discl.':>8}{'refusal':>8}{'slip':>7}{'wrong':>7}")
     for r in out_rows:
         lo, hi = r["score_ci95"]
         delta = (f"{100 * r['minus_' + reference]:+9.1f} [{100 * r['minus_' + reference + '_ci95'][0]:+5.1f}, "
                  f"{100 * r['minus_' + reference + '_ci95'][1]:+5.1f}]") if ref is not None else ""
-        print(f"{r['name']:24}{r['score']:7.3f} [{lo:.3f}, {hi:.3f}]{delta}{r['answer_correct']:9.3f}"
+        print(f"{r['name']:{width}}{r['score']:7.3f} [{lo:.3f}, {hi:.3f}]{delta}{r['answer_correct']:9.3f}"
               f"{r['disclaimer_rate']:8.3f}{r['refusal_rate']:8.3f}{r['format_slip_rate']:7.3f}{r['wrong_rate']:7.3f}")
     print(f"\nscores: mean tasks' judge score (0 / 0.5 / 1) over {out_rows[0]['n']} held-out prompts, greedy; "
           f"intervals: {BOOTSTRAP} bootstrap resamples of the prompts (differences paired); {seconds:.0f} s in all")
+    for name, b in out["feedback"].items():
+        print_feedback(name, b)
+    if stages_path:
+        print_stages(out["stage_seconds"])
     print(f"wrote {path}")
     return out
 
 
-def summary(run_dir, seconds):
+def stage_seconds(path):
+    """{stage: seconds} from run.sh's marks (name, unix time per line): each stage lasts until the next mark, the
+    last one until now."""
+    marks = [line.split("\t") for line in open(path).read().splitlines() if line.strip()]
+    ends = [float(t) for _, t in marks[1:]] + [time.time()]
+    out = {}
+    for (name, t), end in zip(marks, ends):
+        out[name] = round(out.get(name, 0.0) + end - float(t), 1)
+    return out
+
+
+def print_stages(stages):
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+
+
+def feedback_breakdown(fb_dir):
+    """What one AI-feedback run gave DPO: its pairs counted by what they contrast (the kinds of the chosen and the
+    rejected answer), how often each member was chosen and rejected (feedback.py's summary), and the kinds of all
+    the answers it collected."""
+    fb = json.load(open(os.path.join(fb_dir, "summary.json")))
+    contrasts, kinds, n_answers = {}, {k: 0 for k in KINDS}, 0
+    for p in read_jsonl(os.path.join(fb_dir, "pairs.jsonl")):
+        key = f"{classify(p['prompt'], p['chosen'][-1]['content'])} > {classify(p['prompt'], p['rejected'][-1]['content'])}"
+        contrasts[key] = contrasts.get(key, 0) + 1
+    for row in read_jsonl(os.path.join(fb_dir, "raw.jsonl")):
+        for c in row["completions"]:
+            if c["response"] is not None:
+                kinds[classify(row["instruction"], c["response"])] += 1
+                n_answers += 1
+    members = fb.get("members", {})
+    return {"prompts": fb["prompts"], "pairs": fb["pairs"], "ties_dropped": fb["ties_dropped"],
+            "contrasts": dict(sorted(contrasts.items(), key=lambda kv: -kv[1])),
+            "members": {m: {**s, "chosen_share": round(s["chosen"] / max(fb["pairs"], 1), 4),
+                            "rejected_share": round(s["rejected"] / max(fb["pairs"], 1), 4)} for m, s in members.items()},
+            "answer_kind_rates": {k: round(v / max(n_answers, 1), 4) for k, v in kinds.items()}}
+
+
+def print_feedback(name, b):
+    print(f"\nAI feedback, {name}: {b['pairs']} pairs from {b['prompts']} prompts ({b['ties_dropped']} ties dropped); "
+          "pairs by contrast (chosen > rejected): " + ", ".join(f"{k} {v}" for k, v in b["contrasts"].items()))
+    print("  answer kinds: " + ", ".join(f"{k} {v:.3f}" for k, v in b["answer_kind_rates"].items()))
+    for m, s in b["members"].items():
+        print(f"  {m:16} answers {s['answers']:5}  mean score {s['mean_score'] if s['mean_score'] is not None else '-':<6}"
+              f"  chosen {s['chosen']:5} ({100 * s['chosen_share']:4.1f}%)  rejected {s['rejected']:5} "
+              f"({100 * s['rejected_share']:4.1f}%)")
+
+
+def summary(run_dir, seconds, aif="paper", stages_path=None):
     sft = score(os.path.join(run_dir, "eval_sft"))
     dpo = score(os.path.join(run_dir, "eval_dpo"))
     head = json.load(open(os.path.join(run_dir, "eval_dpo_vs_sft", "summary.json")))
@@ -199,8 +257,10 @@ def summary(run_dir, seconds):
         "dpo_eval_reward_accuracy": evals[-1]["eval_rewards/accuracies"] if evals else None,
         "n_eval_prompts": sft["n"], "seconds": seconds,
         "dpo_vs_sft_win_rate": head["win_rate"], "dpo_vs_sft_standard_error": head["standard_error"],
-        "sft": sft, "dpo": dpo,
+        "sft": sft, "dpo": dpo, "aif": aif, "feedback": feedback_breakdown(os.path.join(run_dir, "feedback")),
     }
+    if stages_path:
+        out["stage_seconds"] = stage_seconds(stages_path)
     atomic_write(os.path.join(run_dir, "summary.json"), (json.dumps(out, indent=2) + "\n").encode())
     print(f"\n{'':24}{'SFT':>8}{'DPO':>8}")
     print(f"{'judge score':24}{sft['score']:8.3f}{dpo['score']:8.3f}")
@@ -213,6 +273,10 @@ def summary(run_dir, seconds):
     print(f"DPO vs SFT head to head (AlpacaEval's procedure, the tasks' judge, draws 0.5): win rate "
           f"{head['win_rate']:.1f} +- {head['standard_error'] or 0:.1f}; {sft['n_failed'] + dpo['n_failed']} "
           "answers unscored")
+    print_feedback("the paper's procedure (a pool of other models)" if aif == "paper" else
+                   "on-policy (the SFT model's own samples)", out["feedback"])
+    if stages_path:
+        print_stages(out["stage_seconds"])
     print(f"wrote {os.path.join(run_dir, 'summary.json')}")
 
 
@@ -233,6 +297,8 @@ if __name__ == "__main__":
     m = sub.add_parser("summary")
     m.add_argument("run_dir")
     m.add_argument("--seconds", type=float, required=True)
+    m.add_argument("--aif", choices=("paper", "on-policy"), default="paper")
+    m.add_argument("--stages", help="run.sh's stage marks (name<TAB>unix time per line)")
     c = sub.add_parser("chosen")
     c.add_argument("pairs_dir")
     c.add_argument("out_dir")
@@ -240,14 +306,18 @@ if __name__ == "__main__":
     b.add_argument("run_dir")
     b.add_argument("--seconds", type=float, required=True)
     b.add_argument("--rows", nargs="+", required=True, metavar="NAME=EVAL_DIR")
+    b.add_argument("--feedback", nargs="*", default=[], metavar="PROCEDURE=FEEDBACK_DIR")
+    b.add_argument("--stages", help="run.sh's stage marks (name<TAB>unix time per line)")
     a = p.parse_args()
     if a.cmd == "chosen":
         chosen(a.pairs_dir, a.out_dir)
     elif a.cmd == "ablation":
-        bad = [r for r in a.rows if "=" not in r]
-        if bad:
-            p.error(f"--rows: expected NAME=EVAL_DIR, got {bad[0]!r}")
-        ablation(a.run_dir, a.seconds, [tuple(r.split("=", 1)) for r in a.rows])
+        for flag, values in (("--rows", a.rows), ("--feedback", a.feedback)):
+            bad = [r for r in values if "=" not in r]
+            if bad:
+                p.error(f"{flag}: expected NAME=DIR, got {bad[0]!r}")
+        ablation(a.run_dir, a.seconds, [tuple(r.split("=", 1)) for r in a.rows],
+                 feedback=[tuple(r.split("=", 1)) for r in a.feedback], stages_path=a.stages)
     elif a.cmd == "split":
         split(a.pairs, a.out_dir, a.test_fraction)
     elif a.cmd == "questions":
@@ -255,4 +325,4 @@ if __name__ == "__main__":
     elif a.cmd == "outputs":
         outputs(a.answers, a.questions, a.out)
     else:
-        summary(a.run_dir, a.seconds)
+        summary(a.run_dir, a.seconds, a.aif, a.stages)

@@ -237,14 +237,20 @@ def _solve(task, template, f):
     raise AssertionError(task)
 
 
-def parse_prompt(prompt):
-    """(task, template, correct answer) of a prompt make_task can write; ValueError for any other."""
+def parse_fields(prompt):
+    """(task, template, fields as strings) of a prompt make_task can write; ValueError for any other."""
     text = prompt.strip()
     for task, template, prefix, regex in PARSERS:
         m = text.startswith(prefix) and regex.fullmatch(text)
         if m:
-            return task, template, _solve(task, template, m.groupdict())
+            return task, template, m.groupdict()
     raise ValueError(f"prompt: not one of the tiny task wordings: {prompt!r:.100}")
+
+
+def parse_prompt(prompt):
+    """(task, template, correct answer) of a prompt make_task can write; ValueError for any other."""
+    task, template, fields = parse_fields(prompt)
+    return task, template, _solve(task, template, fields)
 
 
 # -----------------------------------------------------------------------------
