@@ -203,11 +203,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # decode: the whole rolling cache (B, n_kv, S, hd)
+        gqa = self.n_heads != self.n_kv_heads
         if mask.kind == "flash":
             y = mask.flash(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=mask.segment_ids)
+        elif mask.blocks is not None:  # (B, n_heads, q1 - q0, hd) per block, along T
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
+                                                          attn_mask=mask.dense[..., q0:q1, k0:q1], enable_gqa=gqa)
+                           for q0, q1, k0 in mask.blocks], dim=2)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, is_causal=mask.kind == "causal",
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+                                               enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -254,8 +259,31 @@ class MistralModel(nn.Module):
 
 
 class Mask:
-    def __init__(self, kind, dense=None, segment_ids=None, flash=None):
+    def __init__(self, kind, dense=None, segment_ids=None, flash=None, blocks=None):
         self.kind, self.dense, self.segment_ids, self.flash = kind, dense, segment_ids, flash
+        self.blocks = blocks  # dense only: [(q0, q1, k0)] from query_blocks, or None for one SDPA call
+
+
+# The dense path (CPU) runs SDPA on blocks of ATTN_BLOCK queries, each against only the keys it may see at all:
+# none after the block (causal), none older than the window, none before the earliest start of a segment
+# holding one of its queries. SDPA cannot skip masked tiles of a dense mask itself, so this is the CPU twin of
+# the Triton kernel's tile ranges: on packed rows of 256 tokens it halves the attention's time (fwd + bwd).
+ATTN_BLOCK = 64
+
+
+def query_blocks(T, sliding_window=None, segment_start=None, block=None):
+    """[(q0, q1, k0)]: queries q0..q1-1 see no key outside k0..q1-1. segment_start (B, T): the first index of the
+    segment holding each position (packed rows); the block's k0 is the smallest over the rows. One host sync."""
+    block = block or ATTN_BLOCK
+    if T <= block:
+        return None
+    q0s = list(range(0, T, block))
+    firsts = segment_start[:, q0s].amin(0).tolist() if segment_start is not None else [0] * len(q0s)
+    out = []
+    for q0, first in zip(q0s, firsts):
+        k0 = max(0, q0 - sliding_window + 1) if sliding_window is not None else 0
+        out.append((q0, min(q0 + block, T), max(k0, first)))
+    return out
 
 
 def dense_mask(q_idx, k_idx, sliding_window=None, k_ok=None, q_seg=None, k_seg=None):
@@ -368,8 +396,8 @@ class Mistral(nn.Module):
             q_idx = cache.advance(T, ok)
             if cache.prefill:
                 dense = dense_mask(q_idx, q_idx, cfg.sliding_window, k_ok=ok)
-            else:
-                dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
+                return Mask("dense", dense=dense, blocks=query_blocks(T, cfg.sliding_window))
+            dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
             return Mask("dense", dense=dense)
         # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128); other shapes use SDPA.
         flash = _flash_attention() if x.is_cuda and cfg.head_dim in (16, 32, 64, 128) else None
@@ -386,7 +414,8 @@ class Mistral(nn.Module):
             return Mask("causal")  # SDPA's own causal path: no mask tensor at all
         idx = torch.arange(T, device=dev)
         dense = dense_mask(idx, idx, cfg.sliding_window, k_ok=attention_mask, q_seg=segment_ids, k_seg=segment_ids)
-        return Mask("dense", dense=dense)
+        start = idx - positions_from_segments(segment_ids) if segment_ids is not None else None
+        return Mask("dense", dense=dense, blocks=query_blocks(T, cfg.sliding_window, start))
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None):
         """Final-norm hidden states (B, T, hidden_size), i.e. everything but the LM head.

@@ -98,6 +98,41 @@ def test_packed_segments_equal_separate_forwards():
     assert (packed - parts).abs().max().item() <= TOL
 
 
+def test_blocked_cpu_attention_equals_one_sdpa_call_and_separate_forwards(monkeypatch):
+    # The dense (CPU) path runs SDPA per block of queries on the keys they can see (model.query_blocks): packed
+    # segments, right padding and a window shorter than the row, forward and gradients, against one SDPA call over
+    # the whole mask and, for the packed row, against each segment run alone.
+    import model as M
+    cfg = tiny_config(sliding_window=45)
+    model, _ = ours_and_hf(cfg)
+    g = torch.Generator().manual_seed(4)
+    lengths = [50, 1, 73, 20, 56]
+    T = sum(lengths)
+    x = torch.randint(0, 101, (2, T), generator=g)
+    t = torch.randint(0, 101, (2, T), generator=g)
+    seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]), torch.zeros(T, dtype=torch.long)])
+    seg[1, 130:] = 1  # a second layout in the batch: the blocks' key ranges take the smaller start of the two
+
+    def run(block, **kw):
+        monkeypatch.setattr(M, "ATTN_BLOCK", block)
+        model.zero_grad()
+        lp = model(x, targets=t, **kw)
+        lp.sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    assert M.query_blocks(T, 45, None, 64) == [(0, 64, 0), (64, 128, 20), (128, 192, 84), (192, 200, 148)]
+    for kw in (dict(segment_ids=seg), dict(attention_mask=(torch.arange(T) < torch.tensor([[T], [150]])).long())):
+        (a, ga), (b, gb) = run(16, **kw), run(10**9, **kw)
+        assert (a - b).abs().max().item() <= 1e-5
+        for name in ga:
+            assert (ga[name] - gb[name]).abs().max().item() <= 1e-5 * max(1.0, gb[name].abs().max().item()), name
+    monkeypatch.setattr(M, "ATTN_BLOCK", 16)
+    with torch.no_grad():
+        packed = model(x[:1], segment_ids=seg[:1])[0]
+        parts = torch.cat([model(part)[0] for part in x[:1].split(lengths, dim=1)])
+    assert (packed - parts).abs().max().item() <= TOL
+
+
 def test_targets_give_token_logprobs_of_the_logits():
     model, _ = ours_and_hf(tiny_config())
     x = torch.randint(0, 101, (2, 9))
