@@ -132,8 +132,9 @@ def _softmax_grad_kernel(
     # second sweep that writes dlogp/dz = onehot(t) - softmax(z) to dz_ptr. Rows with an ignored
     # target get a harmless onehot at column 0: their gradient is scaled by 0 later. dz may be the
     # logits buffer itself (fp32) or a 16-bit view of it (row r at byte 4Vr, the first half of z's
-    # row r): a program owns whole rows and writes the bytes of columns it has already read, so the
-    # overlap is safe, and the GEMMs then read 16-bit operands (half the shared memory, no spills).
+    # row r), so that the GEMMs read 16-bit operands (half the shared memory, no spills) with no second
+    # (C, V) buffer. A program owns whole rows, so other programs never touch its bytes; within it, see
+    # the barrier below.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < C
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z                            # (BLOCK_N, 1)
@@ -168,6 +169,13 @@ def _softmax_grad_kernel(
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0)
             p = tl.exp(z - lse[:, None])
             dz = tl.where(cols[None, :] == onehot_col[:, None], 1.0 - p, -p)
+            # 16-bit dz column c lands on the bytes of logit c // 2, which another warp of this program may not
+            # have loaded yet (this tile when v0 = 0, an earlier one after): nothing orders the warps of one
+            # program but a barrier. With it, every warp has loaded tiles 0..v0 before any warp stores tile v0,
+            # whose bytes are logits [v0 / 2, (v0 + BLOCK_V) / 2), all in those tiles; later tiles' logits lie
+            # beyond them. (The interpreter runs a program at once and cannot show the race: the PTX does,
+            # tests/test_kernels_compile.py checks it there.)
+            tl.debug_barrier()
             tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
                      dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
@@ -261,6 +269,7 @@ _INTERPRET_BLOCKS = {
     "mm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
 }
 _SOFTMAX_BLOCKS = dict(BLOCK_N=4, BLOCK_V=1024)     # memory bound; no tuning needed
+_SOFTMAX_WARPS = 8
 _SOFTMAX_BLOCKS_INTERPRET = dict(BLOCK_N=16, BLOCK_V=128)
 
 
@@ -335,18 +344,25 @@ def _dz_dtype(dtype):
     return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(_dot_args(dtype)[0], torch.float32)
 
 
+def _dz_buffer(z, dz_dtype):
+    # Where the softmax-gradient pass writes dz: over the logits chunk z (C, V) itself, fp32 or a 16-bit view
+    # (row stride 2V). No second (C, V) buffer; the kernel's barrier makes the overlap safe.
+    return z if dz_dtype == torch.float32 else z.view(dz_dtype)[:, :z.shape[1]]
+
+
 def _triton_softmax_grad_(z, targets, ignore_index, write_grad, dz_dtype=torch.float32):
     """Stats of the fp32 logits chunk z (C, V), contiguous; with write_grad also dz = onehot - softmax,
     returned as z itself (fp32) or as a (C, V) 16-bit view into z's storage (row stride 2V)."""
     C, V = z.shape
     logp, lse, ent = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(3))
-    dz = z if dz_dtype == torch.float32 else z.view(dz_dtype)[:, :V]
+    dz = _dz_buffer(z, dz_dtype)
     interpret = _interpreting()
     _, softmax_grad, _ = _kernels(interpret)
     blocks = _SOFTMAX_BLOCKS_INTERPRET if interpret else _SOFTMAX_BLOCKS
     grid = (triton.cdiv(C, blocks["BLOCK_N"]),)
     softmax_grad[grid](z, dz, targets, logp, lse, ent, C, V, z.stride(0), dz.stride(0), ignore_index,
-                       WRITE_GRAD=write_grad, **blocks, **({} if interpret else dict(num_warps=8)))
+                       WRITE_GRAD=write_grad, **blocks,
+                       **({} if interpret else dict(num_warps=_SOFTMAX_WARPS)))
     return (logp, lse, ent), dz
 
 
