@@ -126,7 +126,7 @@ def _logprobs_fwd_kernel(
 def _softmax_grad_kernel(
     z_ptr, dz_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr,
     C, V, stride_z, stride_dz, ignore_index,
-    WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # On a chunk of materialized fp32 logits (C, V): the same online log-sum-exp as above, then a
     # second sweep that writes dlogp/dz = onehot(t) - softmax(z) to dz_ptr. Rows with an ignored
@@ -169,6 +169,11 @@ def _softmax_grad_kernel(
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0)
             p = tl.exp(z - lse[:, None])
             dz = tl.where(cols[None, :] == onehot_col[:, None], 1.0 - p, -p)
+            if ROUND_BF16:
+                # The interpreter casts fp32 to bf16 by truncation (up to 2^-7 relative, biased toward 0);
+                # the GPU rounds to nearest even (2^-8). Round here, by the bits, so that the cast is exact.
+                b = dz.to(tl.uint32, bitcast=True)
+                dz = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
             # 16-bit dz column c lands on the bytes of logit c // 2, which another warp of this program may not
             # have loaded yet (this tile when v0 = 0, an earlier one after): nothing orders the warps of one
             # program but a barrier. With it, every warp has loaded tiles 0..v0 before any warp stores tile v0,
@@ -252,8 +257,9 @@ _GEMM_SITES = {
 }
 
 
-def _softmax_constexprs(dot_dtype):
-    return {}
+def _softmax_constexprs(dz_dtype, interpret=False):
+    # ROUND_BF16: round dz to bf16 by hand where the cast would truncate (the interpreter).
+    return dict(ROUND_BF16=interpret and dz_dtype in (tl.bfloat16, torch.bfloat16))
 
 
 def _mm_key(M, N, K):
@@ -339,9 +345,10 @@ def _triton_forward(hidden, weight, targets, ignore_index, splits=None):
 
 
 def _dz_dtype(dtype):
-    # dz in the GEMMs' operand dtype: 16-bit on GPU for 16-bit models (the GEMM rounded it there
-    # anyway), fp32 for fp32 models and in the interpreter (whose dots are fp32).
-    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(_dot_args(dtype)[0], torch.float32)
+    # dz in the model's dtype: 16-bit for 16-bit models (the GPU's GEMM rounds its operands to it anyway),
+    # fp32 for fp32 models. The interpreter does the same (its dots upcast the 16-bit dz exactly), so that
+    # it runs the GPU's storage path and rounding (--rehearse_gpu, the bf16 tests).
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _dz_buffer(z, dz_dtype):
@@ -361,7 +368,7 @@ def _triton_softmax_grad_(z, targets, ignore_index, write_grad, dz_dtype=torch.f
     blocks = _SOFTMAX_BLOCKS_INTERPRET if interpret else _SOFTMAX_BLOCKS
     grid = (triton.cdiv(C, blocks["BLOCK_N"]),)
     softmax_grad[grid](z, dz, targets, logp, lse, ent, C, V, z.stride(0), dz.stride(0), ignore_index,
-                       WRITE_GRAD=write_grad, **blocks,
+                       WRITE_GRAD=write_grad, **_softmax_constexprs(dz.dtype, interpret), **blocks,
                        **({} if interpret else dict(num_warps=_SOFTMAX_WARPS)))
     return (logp, lse, ent), dz
 
