@@ -338,6 +338,8 @@ class KVCache:
 
 
 class Mistral(nn.Module):
+    kernels_on_cpu = False  # True: CPU tensors take the Triton attention path too (--rehearse_gpu, interpreter)
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -372,7 +374,8 @@ class Mistral(nn.Module):
                 dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
             return Mask("dense", dense=dense)
         # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128); other shapes use SDPA.
-        flash = _flash_attention() if x.is_cuda and cfg.head_dim in (16, 32, 64, 128) else None
+        on_kernels = x.is_cuda or self.kernels_on_cpu
+        flash = _flash_attention() if on_kernels and cfg.head_dim in (16, 32, 64, 128) else None
         if flash is not None:
             seg = segment_ids
             # Padding becomes its own segment (-1): real tokens never see it. Right padding without

@@ -56,6 +56,7 @@ class Config:
     stop_after: int = -1                          # end this process after this step (time-limited jobs)
     export_dtype: str = "bfloat16"
     device: str = "auto"
+    rehearse_gpu: bool = False                    # TRITON_INTERPRET=1: CUDA's path (Triton kernels, bf16) on CPU
     # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
@@ -195,7 +196,7 @@ def evaluate(model, shards, rows, cfg, d):
 def main(argv):
     cfg = common.parse_config(Config, argv)
     adapters = lora.settings(cfg)
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
