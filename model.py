@@ -6,6 +6,7 @@ checkpoints load with strict=True and what we save loads in transformers and vLL
 The model is a plain nn.Module: sharding, mixed precision and checkpointing live in the stage code.
 """
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -174,12 +175,15 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@functools.cache
 def _flash_attention():
     # The Triton kernel, when it exists and applies (CUDA, no KV cache). Imported lazily so model.py
-    # works on machines where kernels/ cannot be compiled.
+    # works on machines where kernels/ cannot be compiled. Hidden from torch.compile (compile=true): a
+    # decoder layer is compiled around it, with a graph break, and the kernels run as they do in eager mode;
+    # dynamo cannot trace the Triton interpreter (--rehearse_gpu) and need not trace the autotuner's launch.
     try:
         from kernels.attention import flash_attention
-        return flash_attention
+        return torch.compiler.disable(flash_attention)
     except ImportError:
         return None
 

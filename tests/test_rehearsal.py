@@ -162,6 +162,18 @@ def test_rehearsal_sft_loss_curve_tracks_fp32_over_20_steps(curves):
         assert np.mean([r["loss"] for r in m[-5:]]) < np.mean([r["loss"] for r in m[:5]]) - 0.1, table
 
 
+def test_compile_with_the_kernel_path_traces_and_gives_eager_numbers(setup, curves):
+    # compile=true: each decoder layer compiled (inductor, CPU) around the Triton attention, which runs as in eager
+    # mode behind a graph break (model._flash_attention). The first 3 steps of the same 20-step rehearsal.
+    root, kw = curves
+    run([sys.executable, "sft.py", *sft_args(setup, root / "compiled", **kw), "--stop_after=3", "--compile=true",
+         "--rehearse_gpu=true"], env=INTERPRET, timeout=600)
+    eager, compiled = metrics(root / "gpu")[:3], metrics(root / "compiled")
+    assert len(compiled) == 3
+    for x, y in zip(eager, compiled):  # bf16: inductor fuses differently; measured within 3e-5 relative
+        assert close(x["loss"], y["loss"], U / 8) and close(x["grad_norm"], y["grad_norm"], U), (x, y)
+
+
 def counting_model(path, tokenizer_model, steps=60):
     """The test model trained (fp32, in this process) to continue sequences that count up by one: greedy
     decisions with margins far above bf16's rounding, so that greedy outputs can be compared token for token."""
