@@ -33,10 +33,10 @@ by a tl.dot matmul kernel, turned into onehot - softmax in place by a row kernel
 matmuls (grad_weight accumulated in fp32 in place: no atomics).
 
 Paths, chosen at call time:
-  * CUDA tensors -> Triton kernels (below), autotuned for H100.
+  * CUDA tensors in bf16 or fp16 -> Triton kernels (below), autotuned for H100.
   * CPU tensors with TRITON_INTERPRET=1 in the environment *at call time* -> the same Triton kernels
-    run by the Triton interpreter (for tests).
-  * other CPU tensors -> the same chunked algorithm in plain torch.
+    run by the Triton interpreter (for tests and --rehearse_gpu).
+  * other CPU tensors, and fp32 on CUDA -> the same chunked algorithm in plain torch.
 
 How Triton 3.7 picks the interpreter: `@triton.jit` reads os.environ["TRITON_INTERPRET"] (through
 triton.knobs) when it *decorates* a function, and the interpreter cannot call a compiled JITFunction.
@@ -297,8 +297,10 @@ def _interpreting():
     return triton.knobs.runtime.interpret
 
 
-def _uses_triton(device):
-    return device.type == "cuda" or _interpreting()
+def _uses_triton(device, dtype):
+    # fp32 on CUDA takes the torch path: the kernels' configurations spill in fp32 on sm_90 and sm_80
+    # (README, "fp32 on CUDA"), and fp32 is the accuracy path, where torch.mm's fp32 GEMMs do.
+    return (device.type == "cuda" and dtype != torch.float32) or _interpreting()
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -427,14 +429,14 @@ def _sweep(hidden, weight, targets, ignore_index, chunk, *,
         grad_w    += z.T @ (grad_w_scale[c, None] * hidden[c])    fp32 accumulator
     The scales must be 0 on rows with an ignored target. Returns (logp, lse, entropy) if stats."""
     N = hidden.shape[0]
-    use_triton = _uses_triton(hidden.device)
+    use_triton = _uses_triton(hidden.device, hidden.dtype)
     w32 = weight if use_triton else weight.float()     # CPU: one fp32 copy of a bf16 head, reused by all chunks
     write_grad = grad_h is not None or grad_w is not None
     out = [torch.zeros(N, device=hidden.device, dtype=torch.float32) for _ in range(3)] if stats else None
     if not use_triton:
         # One logits buffer for all chunks: a fresh 32 MiB block per chunk fragments glibc's heap
         # (measured: up to twice the chunk in extra peak RSS). The CUDA caching allocator needs no help.
-        z_buf = torch.empty(min(chunk, N), weight.shape[0], dtype=torch.float32)
+        z_buf = torch.empty(min(chunk, N), weight.shape[0], dtype=torch.float32, device=hidden.device)
 
     for r0 in range(0, N, chunk):
         rows = slice(r0, min(r0 + chunk, N))
@@ -495,7 +497,7 @@ class _TokenLogprobs(torch.autograd.Function):
                                     want_entropy=want_entropy, grad_h=grad_h, grad_h_scale=valid,
                                     grad_w=grad_w, grad_w_scale=e)
             ctx.precomputed = (grad_h, grad_w, e)
-        elif _uses_triton(hidden.device):
+        elif _uses_triton(hidden.device, hidden.dtype):
             logp, lse, ent = _triton_forward(hidden, weight, targets, ignore_index)
             ctx.precomputed = None
         else:

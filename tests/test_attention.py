@@ -424,7 +424,7 @@ def test_bad_input_raises_naming_the_argument(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp32 on CUDA is refused (below)
 @pytest.mark.parametrize("W,lengths", [(None, None), (100, None), (None, [(300, 5, 207)]), (64, [(250, 262)])])
 def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths):
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -443,3 +443,12 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
         tol = magnitude * (2.0 ** -6 if dtype == torch.bfloat16 else 1e-5)
         err = (got.float() - want).abs().max().item()
         assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_on_cuda_is_refused_naming_the_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = _load_attention(interpret=False)
+    q, k, v = (x.cuda() for x in random_qkv(1, 4, 2, 64, 64, torch.float32))
+    with pytest.raises(ValueError, match="float32 on CUDA is not on the Triton kernels' path"):
+        compiled.flash_attention(q, k, v)

@@ -25,7 +25,7 @@ def path(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert logprobs._uses_triton(torch.device("cpu")) == (request.param != "torch")
+    assert logprobs._uses_triton(torch.device("cpu"), torch.float32) == (request.param != "torch")
     return request.param
 
 
@@ -298,7 +298,7 @@ def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
             return launch
 
     monkeypatch.setattr(logprobs, "_kernels", lambda interpret: (None, None, Recorder()))
-    monkeypatch.setattr(logprobs, "_uses_triton", lambda device: True)
+    monkeypatch.setattr(logprobs, "_uses_triton", lambda device, dtype: True)
     monkeypatch.setattr(logprobs, "_interpreting", lambda: False)
     monkeypatch.setattr(logprobs, "_triton_softmax_grad_",
                         lambda z, t, ii, wg, dz_dtype: ((z.new_empty(len(t)),) * 3, z.view(dz_dtype)[:, :z.shape[1]]))

@@ -78,6 +78,19 @@ def assert_same_updates(before, a, b):
     assert moved_differently <= 0.01 * total, f"{moved_differently} of {total} weights moved differently"
 
 
+def test_fp32_takes_sdpa_and_the_torch_head_on_the_gpu_path():
+    # fp32 is refused by the kernels on CUDA (their configurations spill): the model falls back to SDPA and the
+    # log-prob head to its torch path, on CUDA and in the rehearsal alike; 16-bit takes the kernels.
+    from kernels import logprobs
+    model = Mistral(MistralConfig(**MODEL))
+    model.kernels_on_cpu = True
+    x = torch.zeros(1, 8, MODEL["hidden_size"])
+    assert model._mask(x, 8, None, None, None).kind != "flash"
+    assert model._mask(x.bfloat16(), 8, None, None, None).kind == "flash"
+    cuda = torch.device("cuda")
+    assert not logprobs._uses_triton(cuda, torch.float32) and logprobs._uses_triton(cuda, torch.bfloat16)
+
+
 def hf_weights(path):
     return Mistral.from_pretrained(path, dtype=torch.float32).state_dict()
 
