@@ -376,6 +376,17 @@ def peak_flops(device):
     return None
 
 
+def log_peak_memory(metrics, d, first):
+    """CUDA: the peak of allocated memory into a step's metrics. The first step of a process (`first`), where the
+    Triton kernels autotune (memplan's first_step_peak), as `first_step_peak_mem_gb`; the counter is then reset, so
+    later steps log `peak_mem_gb`, the steady-state peak so far (memplan's peak)."""
+    if d.device.type != "cuda":
+        return
+    metrics["first_step_peak_mem_gb" if first else "peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    if first:
+        torch.cuda.reset_peak_memory_stats(d.device)
+
+
 def flops_per_token(cfg, seq_len):
     # 6 N for the matmuls (forward + backward) plus causal attention scores: 6 * layers * hidden * T.
     n = cfg.num_params() - cfg.vocab_size * cfg.hidden_size  # embedding lookup is no matmul

@@ -296,6 +296,7 @@ def main(argv):
         ref_test = cached_reference(model, test, "test", cfg, d, average)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device_type=d.device.type)
     step, last_ckpt = common.start_or_resume(cfg, model, optimizer, d)
+    first_step = step + 1                        # this process's first: where the Triton kernels autotune
     common.announce(cfg, d, [
         f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}, "
         f"reference: {cfg.reference}",
@@ -326,8 +327,7 @@ def main(argv):
         metrics["grad_norm"] = common.optimizer_step(model, optimizer, cfg.grad_clip, step, metrics["loss"], last_ckpt)
         step += 1
         metrics.update(lr=lr, epoch=step / steps_per_epoch, pairs_per_s=cfg.global_batch_size / (time.time() - t0))
-        if d.device.type == "cuda":  # against the memory plan printed at start
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        common.log_peak_memory(metrics, d, step == first_step)  # against the memory plan printed at start
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             metrics.update(evaluate(model, ref_model, test, ref_test, cfg, d))
         log.log(step, **metrics)

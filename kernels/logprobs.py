@@ -284,12 +284,16 @@ def _kernels(interpret):
     # `interpret` must equal triton.knobs.runtime.interpret at the time of the call, because that is
     # what triton.jit reads here to choose between the interpreter and the compiler.
     fwd, softmax_grad, mm = (triton.jit(f) for f in (_logprobs_fwd_kernel, _softmax_grad_kernel, _matmul_kernel))
+    mm = {False: mm, True: mm}                      # by ACCUMULATE
     if not interpret:
         fwd = triton.autotune(list(_FWD_CONFIGS.values()), key=["V", "D"],
                               prune_configs_by={"early_config_prune": _prune_fwd})(fwd)
-        # restore_value: tuning runs the kernel several times, which must not accumulate into c.
-        mm = triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
-                             restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune_mm})(mm)
+        # Two tuners of one kernel. Accumulating into c, tuning's trial runs must not add up: restore_value keeps
+        # a copy of c (the LM head's fp32 gradient, V x D: memplan counts it). Writing c, they need no copy (a
+        # copy of the 512 MiB logits chunk otherwise).
+        mm = {acc: triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
+                                   restore_value=["c_ptr"] if acc else None,
+                                   prune_configs_by={"early_config_prune": _prune_mm})(mm[acc]) for acc in mm}
     return fwd, softmax_grad, mm
 
 
@@ -386,7 +390,7 @@ def _triton_matmul(a, b, dtype, out=None):
     _, _, mm = _kernels(interpret)
     dot_dtype, precision = _dot_args(dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-    mm[grid](a, b, out, M, N, K, *_mm_key(M, N, K),
+    mm[accumulate][grid](a, b, out, M, N, K, *_mm_key(M, N, K),
              a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
              ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, PRECISION=precision,
              **(_INTERPRET_BLOCKS["mm"] if interpret else {}))

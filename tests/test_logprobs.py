@@ -297,7 +297,7 @@ def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
                 keys.add((args[6], args[7], args[8], args[0].dtype, args[1].dtype))   # M_KEY, N_KEY, K_KEY
             return launch
 
-    monkeypatch.setattr(logprobs, "_kernels", lambda interpret: (None, None, Recorder()))
+    monkeypatch.setattr(logprobs, "_kernels", lambda interpret: (None, None, {False: Recorder(), True: Recorder()}))
     monkeypatch.setattr(logprobs, "_uses_triton", lambda device, dtype: True)
     monkeypatch.setattr(logprobs, "_interpreting", lambda: False)
     monkeypatch.setattr(logprobs, "_triton_softmax_grad_",
@@ -315,3 +315,13 @@ def test_gemm_autotune_keys_stay_few_over_200_micro_batches(monkeypatch):
                         grad_w=torch.empty(Vm, Dm, device="meta"), grad_w_scale=scale)
     assert len({k[:3] for k in keys}) <= 8, sorted(keys)
     assert {k[3] for k in keys} | {k[4] for k in keys} == {torch.bfloat16}      # 16-bit operands only
+
+
+def test_only_the_accumulating_gemm_tunes_with_a_copy_of_its_output(monkeypatch):
+    # Tuning runs each candidate config on the real output: the accumulating GEMM (grad_weight += ...) must be
+    # restored after each trial, at the cost of a copy of the LM head's fp32 gradient (memplan counts it); the
+    # GEMMs that write their output (the logits chunk, grad_hidden) need no copy of the 512 MiB chunk.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, _, mm = logprobs._kernels(False)
+    assert mm[True].restore_value == ["c_ptr"] and mm[False].restore_value == []
+    assert mm[True].fn is mm[False].fn
