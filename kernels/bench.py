@@ -183,14 +183,17 @@ def bench_logprobs():
 # attention
 # ---------------------------------------------------------------------------------------------------
 
-def _tflops(fn, leaves, flops):
-    """Forward, backward and forward+backward TFLOP/s of fn() -> output, backward = 2.5x forward."""
-    import triton.testing
-    fwd = triton.testing.do_bench(fn)
+def _tflops(fn, leaves, flops, do_bench=None):
+    """Forward, backward and forward+backward TFLOP/s of fn() -> output, backward = 2.5x forward. do_bench(fn,
+    grad_to_none) -> ms: Triton's by default (CUDA)."""
+    if do_bench is None:
+        import triton.testing
+        do_bench = triton.testing.do_bench
+    fwd = do_bench(fn)
     out = fn()
     dout = torch.randn_like(out)
-    bwd = triton.testing.do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves)
-    both = triton.testing.do_bench(lambda: fn().backward(dout), grad_to_none=leaves)
+    bwd = do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves)
+    both = do_bench(lambda: fn().backward(dout), grad_to_none=leaves)
     return flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9, 3.5 * flops / both * 1e-9
 
 
