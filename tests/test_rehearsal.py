@@ -187,7 +187,7 @@ def test_compile_with_the_kernel_path_traces_and_gives_eager_numbers(setup, curv
         assert close(x["loss"], y["loss"], U / 8) and close(x["grad_norm"], y["grad_norm"], U), (x, y)
 
 
-def counting_model(path, tokenizer_model, steps=60):
+def counting_model(path, tokenizer_model, steps=30):
     """The test model trained (fp32, in this process) to continue sequences that count up by one: greedy
     decisions with margins far above bf16's rounding, so that greedy outputs can be compared token for token."""
     from data.tokenizer import Tokenizer
