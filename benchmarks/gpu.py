@@ -16,7 +16,7 @@ Autotuning: each part's first call of a kernel at a shape tunes it (compiles com
 the first part that needs them); the tables time only later calls and report the first call's seconds as tune_s.
 The stage runs tune in their first step, whose seconds and peak memory are reported apart from the steady state.
 Stage runs stop before their final checkpoint and export (--stop_after): nothing multi-GB is written but the
-DPO part's 2.4 GB bf16 init model, deleted with the work directory at the end.
+DPO part's 2.0 GB bf16 init model, deleted when dpo.py is done.
 
 --rehearse runs the same orchestration on the CPU: tiny shapes, the Triton kernels in the interpreter
 (TRITON_INTERPRET=1), the stages with --rehearse_gpu=true on gloo. Its timings mean nothing; CI checks that every
@@ -380,6 +380,8 @@ def random_hf_model(path, mcfg, dev):
             else:
                 yield name, (0.02 * torch.randn(shape, device=dev, generator=g)).bfloat16()
     save_checkpoint(path, dataclasses.replace(mcfg, dtype="bfloat16"), tensors())
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()                 # this process's cached blocks: the device is dpo.py's next
 
 
 def part_dpo_stage(rehearse, work):
