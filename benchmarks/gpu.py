@@ -57,7 +57,7 @@ SIZES = {
                 dpo_lengths=(400, 1024)),
     True: dict(heads=(2, 1, 16), window=16, short_window=8, attn_rows={"sft": (2, 32), "dpo": (4, 24)},
                check_T=40, check_B=2, head=(32, 300), logprob_rows=(64,), check_N=37,
-               preset=None, step_batch=(2, 32), warmup=1, steps=2, stage_steps=2, stage_seq=32, dpo_lengths=(10, 20)),
+               preset=None, step_batch=(2, 32), warmup=1, steps=1, stage_steps=2, stage_seq=32, dpo_lengths=(10, 20)),
 }
 # The rehearsal's model: one layer, head_dim 16 (the kernels' smallest), GQA 2:1, window 16.
 TINY = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -239,12 +239,12 @@ def test_segment_bounds_match_brute_force():
 
 
 def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
-    # model.py's mask choice on the CUDA path (x only needs .is_cuda, .shape and .device here).
+    # model.py's mask choice on the CUDA path (x only needs .is_cuda, .dtype, .shape and .device here).
     import types
     import model
     monkeypatch.setattr(model, "_flash_attention", lambda: "flash")
     this = types.SimpleNamespace(config=model.config_from_preset("tiny"))
-    x = types.SimpleNamespace(is_cuda=True, shape=(2, 6, 128), device=torch.device("cpu"))
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 6, 128), device=torch.device("cpu"))
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     packed = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1]])
