@@ -184,7 +184,7 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
     # also beside a copy of its accumulator, restored after each trial.
     tunes = cuda and c == 2
     flush = add("autotune", "Triton's benchmark flush buffer (a step that autotunes)", AUTOTUNE_FLUSH if tunes else 0)
-    restore = add("autotune", "copy of the LM head gradient accumulator restored by its GEMM's tuning",
+    restore = add("autotune", "LM head gradient copy, restored by its GEMM's tuning",
                   4 * V * D if tunes and head_trainable else 0)
     head_moment = "end of forward (head)" if one_pass else "head backward"
     first_step = {m: b + (flush if m != "end of backward (root reduce-scatter)" else 0)

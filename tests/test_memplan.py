@@ -90,7 +90,7 @@ def test_a_step_that_autotunes_adds_the_flush_buffer_and_the_restored_gradient_a
     p = memplan.plan(mcfg, Train(), 8, "cuda", "sft")
     items = {name: b for _, name, b in p["items"]}
     assert items["Triton's benchmark flush buffer (a step that autotunes)"] == 256 * 2**20
-    assert items["copy of the LM head gradient accumulator restored by its GEMM's tuning"] == 4 * 32000 * 4096
+    assert items["LM head gradient copy, restored by its GEMM's tuning"] == 4 * 32000 * 4096
     assert p["first_step_moment"] == p["moment"] == "backward of the last layer"
     assert p["first_step_peak"] == p["peak"] + 256 * 2**20
     # Where each lands, moment by moment: the copy in the head (SFT: its forward, one pass; DPO: its backward),
