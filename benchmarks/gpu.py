@@ -515,7 +515,7 @@ def rate(x):
 def write_summary(path, head, records):
     """gpu.md: the statuses, then a table per part that gave figures."""
     gpu = next((r["gpu"] for r in records if r.get("gpu")), head["gpu"])
-    md = [f"# bench.py gpu{' --rehearse' if head['rehearse'] else ''}: {gpu}, {head['date']}, commit "
+    md = [f"# bench.py gpu{' --rehearse' if head['rehearse'] else ''}: {gpu or 'no GPU'}, {head['date']}, commit "
           f"{head['commit']}, torch {head['torch']}, budget {head['budget_s']:.0f} s", ""]
     md += ["| part | status | seconds |", "|---|---|---:|"]
     md += [f"| {r['part']} | {r['status']}{': ' + r['error'][:120].replace(chr(10), ' ') if 'error' in r else ''} | "
