@@ -21,8 +21,8 @@ What it counts (per rank; FSDP2 shards every parameter's dim 0 over the ranks, p
                accumulator that the accumulating GEMM's tuning restores after each trial.
 The peak is the persistent part plus the largest of these moments: the end of forward (in the head), the
 backward of the last decoder layer, (DPO) the head's backward, and the root group's reduce-scatter at the end;
-`first_step_peak` adds autotuning's buffers to the moments where kernels tune. It is a model of our code, checked against
-a hand computation for Mistral-7B and against torch's allocator on CPU (tests/test_memplan.py); it leaves out
+`first_step_peak` adds autotuning's buffers to the moments where kernels tune. It is a model of our code, checked
+against a hand computation for Mistral-7B and against torch's allocator on CPU (tests/test_memplan.py); it leaves out
 the CUDA context, NCCL buffers and allocator fragmentation, which is why `check` keeps 10% of the device free.
 """
 
@@ -244,7 +244,8 @@ def check(p, device_bytes, mcfg, tcfg, seq_len=None):
         return
     tips = suggestions(mcfg, tcfg, p["world"], p["device"], p["stage"], seq_len, device_bytes)
     raise MemoryError(
-        f"memory plan: {p['first_step_peak'] / GIB:.1f} GiB per GPU at the peak ({p['first_step_moment']}, first step), more than "
+        f"memory plan: {p['first_step_peak'] / GIB:.1f} GiB per GPU at the peak ({p['first_step_moment']}, first "
+        f"step), more than "
         f"{HEADROOM:.0%} of the {device_bytes / GIB:.1f} GiB this GPU has. Turn one of these knobs (planned peak "
         f"with it):\n  " + "\n  ".join(tips) + "\nor set MEMPLAN_CHECK=0 to start anyway.")
 

@@ -354,7 +354,8 @@ def part_sft_stage(rehearse, work):
     write_shards(os.path.join(work, "sft"), mcfg.vocab_size, 16 * (s["stage_steps"] + 1),
                  (s["stage_seq"] // 4, s["stage_seq"] // 2), 0.3)
     steps, seq, mb = s["stage_steps"], s["stage_seq"], 4 if not rehearse else 2
-    init = ["--init_from=" + tiny_model_dir(work)] if rehearse else ["--init_from=scratch", f"--model_preset={s['preset']}"]
+    init = ([f"--init_from={tiny_model_dir(work)}"] if rehearse
+            else ["--init_from=scratch", f"--model_preset={s['preset']}"])
     args = [*init, f"--tokenizer={tokenizer(work, mcfg.vocab_size)}", f"--data_dir={work}/sft",
             f"--out_dir={work}/out_sft", f"--seq_len={seq}", f"--micro_batch_size={mb}", f"--global_batch_size={mb}",
             f"--max_steps={steps + 1}", f"--stop_after={steps}", "--eval_every=0", "--ckpt_every=0",
@@ -425,7 +426,8 @@ def run_part(name, rehearse, work):
 
 def spawn_part(name, rehearse, work, timeout):
     """Runs one part; returns (status, figures or an error text)."""
-    cmd = [sys.executable, "-m", "benchmarks.gpu", "--part", name, "--work", work] + (["--rehearse"] if rehearse else [])
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--part", name, "--work", work]
+    cmd += ["--rehearse"] if rehearse else []
     env = dict(os.environ, PYTHONPATH=ROOT)
     if rehearse:
         env["TRITON_INTERPRET"] = "1"                    # before Python starts: Triton reads it when kernels load
