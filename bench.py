@@ -2,6 +2,8 @@
 and dtype, in one run. Prints tables of medians and ratios (results: BENCHMARKS.md).
 
     python bench.py [sft sft_chat dpo dpo_mem generate checkpoint gpu ...] [--reps 3] [--json results.json]
+    python bench.py gpu [--budget_s=480] [--out_dir=out/bench_gpu]    # on a GPU: benchmarks/gpu.py
+    python bench.py gpu --rehearse --out_dir=D                         # its orchestration on CPU (CI)
 
 No workload named = all of them. The peers are for benchmarking only (not in requirements.txt):
 
@@ -57,7 +59,7 @@ import torch  # noqa: E402
 from benchmarks.checkpoint import CKPT, case_checkpoint  # noqa: E402
 from benchmarks.dpo import DPO, DPO_MEM, case_dpo  # noqa: E402
 from benchmarks.generate import GEN, case_generate  # noqa: E402
-from benchmarks.gpu import case_gpu_sft, run_gpu  # noqa: E402
+from benchmarks.gpu import run_gpu  # noqa: E402
 from benchmarks.harness import BENCH_MODEL, MIB, SEED, fmt, set_threads, spawn  # noqa: E402
 from benchmarks.sft import SFT, case_sft, chat_layout  # noqa: E402
 from kernels.bench import cpu_name  # noqa: E402
@@ -68,7 +70,7 @@ PEERS_HINT = "pip install trl==1.16.0 accelerate==1.15.0 datasets==5.2.0"
 
 CASES = {"sft": case_sft, "sft_chat": lambda impl, w: case_sft(impl, w, chat=True), "dpo": lambda impl, w: case_dpo(impl, w, DPO),
          "dpo_mem": lambda impl, w: case_dpo(impl, w, DPO_MEM), "generate": case_generate,
-         "checkpoint": case_checkpoint, "gpu_sft": case_gpu_sft}
+         "checkpoint": case_checkpoint}
 
 
 def run_case(spec):
@@ -313,11 +315,20 @@ def main(argv):
     ap.add_argument("--omp_wait_policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
                     help="OMP_WAIT_POLICY of the measurements (default PASSIVE: see BENCHMARKS.md on shared cores)")
     ap.add_argument("--json", default="", help="also write all raw measurements to this file")
+    ap.add_argument("--budget_s", type=float, default=480.0, help="gpu: seconds for all its parts (benchmarks/gpu.py)")
+    ap.add_argument("--out_dir", default="out/bench_gpu", help="gpu: where gpu.jsonl and gpu.md go")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="gpu: run every part's orchestration on CPU (tiny shapes, Triton interpreter, gloo)")
     a = ap.parse_args(argv)
     unknown = [w for w in a.workloads if w not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; choose from {WORKLOADS}")
     workloads = a.workloads or WORKLOADS
+    if a.rehearse and workloads != ["gpu"]:
+        ap.error("--rehearse is an option of the gpu workload: python bench.py gpu --rehearse --out_dir=D")
+    if workloads == ["gpu"]:                # no CPU workload: no bench model, no peer versions to report
+        run_gpu(a.out_dir, a.budget_s, a.rehearse)
+        return
     if a.omp_wait_policy != "default":
         os.environ["OMP_WAIT_POLICY"] = a.omp_wait_policy       # inherited by every measurement subprocess
     header()
@@ -334,7 +345,7 @@ def main(argv):
         del m
         for w in workloads:
             if w == "gpu":
-                run_gpu()
+                run_gpu(a.out_dir, a.budget_s, a.rehearse)
                 continue
             print(f"\n[{w}] running ({a.reps} reps)...", flush=True)
             s = measure(w, weights, a.reps, a.quiet_wait)

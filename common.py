@@ -107,17 +107,44 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    rehearse: bool = False  # --rehearse_gpu: what CUDA runs, on the CPU (check_rehearsal)
 
     @property
     def main(self):
         return self.rank == 0
 
+    @property
+    def gpu_path(self):
+        # The choices CUDA makes: bf16 mixed precision, LoRA's bf16 base, the Triton kernels in the model.
+        return self.device.type == "cuda" or self.rehearse
 
-def setup_dist(device="auto"):
+
+def check_rehearsal(device):
+    """--rehearse_gpu=true: run what CUDA would run, on the CPU: the model's attention and log-prob heads through
+    the Triton kernels (in Triton's interpreter), FSDP2 with bf16 compute and fp32 gradient reductions, LoRA's
+    bf16 base, bf16 local models; gloo between ranks. Slow (the interpreter), for small shapes: it finds what
+    breaks on the GPU path before a GPU is rented. Needs TRITON_INTERPRET=1 from the start of the process
+    (Triton decides interpreter or compiler when the kernels are defined)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("config: rehearse_gpu=true runs the Triton kernels in Triton's interpreter, which needs "
+                         "TRITON_INTERPRET=1 in the environment before Python starts, e.g. `TRITON_INTERPRET=1 "
+                         "torchrun --nproc_per_node=2 sft.py ... --rehearse_gpu=true`")
+    if device not in ("auto", "cpu"):
+        raise ValueError(f"config: rehearse_gpu=true runs on the CPU; device={device!r} (use auto or cpu)")
+    attention = sys.modules.get("kernels.attention")
+    if attention is not None and not attention._INTERPRETED:
+        raise RuntimeError("rehearse_gpu=true: kernels.attention was imported before TRITON_INTERPRET=1 was set")
+    return "cpu"
+
+
+def setup_dist(device="auto", rehearse_gpu=False):
     """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU). Plain `python stage.py`: a
-    one-rank group on an in-memory store, so the rest of the code never special-cases it."""
+    one-rank group on an in-memory store, so the rest of the code never special-cases it. rehearse_gpu: see
+    check_rehearsal."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if rehearse_gpu:
+        device = check_rehearsal(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -133,7 +160,7 @@ def setup_dist(device="auto"):
             dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, local_rank, dev, rehearse_gpu)
 
 
 def all_reduce_sum(x, d):
@@ -158,7 +185,8 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
     """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
     Returns the FSDP2-sharded model and its MistralConfig. Parameters are fp32 masters; on CUDA with
     mixed_precision, compute runs in bf16 with fp32 gradient reductions. adapters: lora.Settings (or None):
-    LoRA adapters beside the frozen base weights, which are then stored in bf16 on CUDA with mixed_precision."""
+    LoRA adapters beside the frozen base weights, which are then stored in bf16 on CUDA with mixed_precision.
+    With d.rehearse, the CPU makes CUDA's choices (check_rehearsal)."""
     cfg = model_config(init_from, model_preset)
     if init_from == "scratch":
         # Small models only: every rank builds the full model with the same seed, then keeps its shard.
@@ -173,11 +201,12 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
         reader.check_against(model)  # names and shapes, before any sharding or reading
     if adapters is not None:
         lora.apply(model, adapters)  # before sharding: FSDP shards frozen and adapter parameters together
-        if mixed_precision and d.device.type == "cuda":
+        if mixed_precision and d.gpu_path:
             lora.freeze_base_dtype(model, torch.bfloat16)
     mp = None
-    if mixed_precision and d.device.type == "cuda":
+    if mixed_precision and d.gpu_path:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model.kernels_on_cpu = d.rehearse
     kw = {"mp_policy": mp} if mp is not None else {}
     # torchtitan's order per decoder layer: checkpoint, compile, then shard. Compile traces the checkpointed
     # forward as one region, and FSDP's hooks sit outside both: the recomputation in backward runs on the
@@ -348,6 +377,17 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def log_peak_memory(metrics, d, first):
+    """CUDA: the peak of allocated memory into a step's metrics. The first step of a process (`first`), where the
+    Triton kernels autotune (memplan's first_step_peak), as `first_step_peak_mem_gb`; the counter is then reset, so
+    later steps log `peak_mem_gb`, the steady-state peak so far (memplan's peak)."""
+    if d.device.type != "cuda":
+        return
+    metrics["first_step_peak_mem_gb" if first else "peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    if first:
+        torch.cuda.reset_peak_memory_stats(d.device)
 
 
 def flops_per_token(cfg, seq_len):

@@ -64,6 +64,7 @@ class Config:
     stop_after: int = -1
     export_dtype: str = "bfloat16"
     device: str = "auto"
+    rehearse_gpu: bool = False                   # TRITON_INTERPRET=1: CUDA's path (Triton kernels, bf16) on CPU
     # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
@@ -164,7 +165,7 @@ def cached_reference(model, shards, split, cfg, d, average):
         model_files = [os.path.join(cfg.init_from, f) for f in os.listdir(cfg.init_from)
                        if f.endswith(".safetensors") or f == "config.json"]
         data_files = [os.path.join(cfg.data_dir, f"{split}.{s}") for s in ("ids.bin", "mask.bin", "idx.npy")]
-        tag = f"{average}-{cfg.mixed_precision and d.device.type == 'cuda'}".encode()
+        tag = f"{average}-{cfg.mixed_precision and d.gpu_path}".encode()   # bf16 log-probs on the GPU path
         key = hashlib.sha256(file_sha256(model_files).encode() + file_sha256(data_files).encode() + tag).hexdigest()
     key = common.broadcast_object(key, d)
     path = os.path.join(cfg.data_dir, f"{split}.ref_logps.{key[:16]}.npy")
@@ -256,7 +257,7 @@ def main(argv):
         dpo_loss(*torch.zeros(4, 1), cfg.beta, cfg.loss_type, cfg.label_smoothing)
     except ValueError as e:
         raise ValueError(f"config: {e}") from None
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
@@ -295,6 +296,7 @@ def main(argv):
         ref_test = cached_reference(model, test, "test", cfg, d, average)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device_type=d.device.type)
     step, last_ckpt = common.start_or_resume(cfg, model, optimizer, d)
+    first_step = step + 1                        # this process's first: where the Triton kernels autotune
     common.announce(cfg, d, [
         f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}, "
         f"reference: {cfg.reference}",
@@ -325,8 +327,7 @@ def main(argv):
         metrics["grad_norm"] = common.optimizer_step(model, optimizer, cfg.grad_clip, step, metrics["loss"], last_ckpt)
         step += 1
         metrics.update(lr=lr, epoch=step / steps_per_epoch, pairs_per_s=cfg.global_batch_size / (time.time() - t0))
-        if d.device.type == "cuda":  # against the memory plan printed at start
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        common.log_peak_memory(metrics, d, step == first_step)  # against the memory plan printed at start
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             metrics.update(evaluate(model, ref_model, test, ref_test, cfg, d))
         log.log(step, **metrics)

@@ -108,6 +108,7 @@ class Config:
     concurrency: int = 8
     dtype: str = "auto"
     device: str = "auto"
+    rehearse_gpu: bool = False        # TRITON_INTERPRET=1: local models on CUDA's path (Triton, bf16) on CPU
 
 
 RESUME_FREE = {"resume", "strict", "request_timeout", "max_attempts", "backoff_s", "concurrency", "device"}
@@ -445,7 +446,7 @@ def main(argv):
         model_id = cfg.model_id or model_spec["name"]
     baseline_name = None if mt else (next((g for _, g in baseline.values() if g), None)
                                      or os.path.basename(cfg.baseline))
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     if d.main:
         for line in malformed[:20]:
             print(line, file=sys.stderr)

@@ -86,6 +86,7 @@ class Config:
     concurrency: int = 8              # requests in flight per rank to an endpoint
     dtype: str = "auto"               # local models: auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
+    rehearse_gpu: bool = False        # TRITON_INTERPRET=1: local models on CUDA's path (Triton, bf16) on CPU
 
 
 # Settings that change how fast, not what: a run may be resumed with other values.
@@ -459,7 +460,7 @@ def main(argv):
         dup = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"config models: two members are named {dup!r}; give one of them |name=LABEL")
     judge_spec = parse_spec(cfg.judge, "judge")
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     t_start = time.time()
     prompts, malformed = read_prompts(cfg.prompts, cfg.strict, cfg.max_prompts)
     if d.main:

@@ -75,9 +75,10 @@ def failure(error):
 class LocalModel:
     """A Hugging Face-format directory on this rank's device; chats are rendered with the Zephyr template."""
 
-    def __init__(self, path, device, dtype):
+    def __init__(self, path, device, dtype, kernels_on_cpu=False):
         from data.tokenizer import Tokenizer
         self.model = Mistral.from_pretrained(path, dtype=dtype, device=device).eval()
+        self.model.kernels_on_cpu = kernels_on_cpu   # --rehearse_gpu: the model's CUDA path on CPU
         self.tok = Tokenizer.from_pretrained(path)
         if self.tok.vocab_size != self.model.config.vocab_size:
             raise ValueError(f"{path}/tokenizer.model has {self.tok.vocab_size} pieces, {path}/config.json says "
@@ -237,7 +238,7 @@ def check_dtype(cfg):
 
 def local_dtype(cfg, d):
     if cfg.dtype == "auto":
-        return torch.float32 if d.device.type == "cpu" else torch.bfloat16
+        return torch.bfloat16 if d.gpu_path else torch.float32
     return getattr(torch, cfg.dtype)
 
 
@@ -257,7 +258,7 @@ def load_client(spec, cfg, d, loaded, answers=False):
             raise ValueError(f"config {spec['field']}: {module} has no function {name}")
         return FunctionModel(fn, spec["name"]) if answers else fn
     if spec["target"] not in loaded:
-        loaded[spec["target"]] = LocalModel(spec["target"], d.device, local_dtype(cfg, d))
+        loaded[spec["target"]] = LocalModel(spec["target"], d.device, local_dtype(cfg, d), d.rehearse)
     return loaded[spec["target"]]
 
 

@@ -16,9 +16,13 @@ What it counts (per rank; FSDP2 shards every parameter's dim 0 over the ranks, p
   fsdp         unsharded parameters in the compute dtype: the root group (embeddings, final norm, LM head) for
                the whole step, decoder layers one at a time (two on CUDA: the next one is prefetched); in
                backward a layer's unsharded gradients and the reduce-scatter input (fp32).
+  autotune     (CUDA, a step in which a Triton kernel meets a new shape: the first, and DPO's first batch of a longer
+               length bucket) Triton's 256 MiB benchmark flush buffer, and the copy of the LM head's fp32 gradient
+               accumulator that the accumulating GEMM's tuning restores after each trial.
 The peak is the persistent part plus the largest of these moments: the end of forward (in the head), the
-backward of the last decoder layer, (DPO) the head's backward, and the root group's reduce-scatter at the end. It is a model of our code, checked against
-a hand computation for Mistral-7B and against torch's allocator on CPU (tests/test_memplan.py); it leaves out
+backward of the last decoder layer, (DPO) the head's backward, and the root group's reduce-scatter at the end;
+`first_step_peak` adds autotuning's buffers to the moments where kernels tune. It is a model of our code, checked
+against a hand computation for Mistral-7B and against torch's allocator on CPU (tests/test_memplan.py); it leaves out
 the CUDA context, NCCL buffers and allocator fragmentation, which is why `check` keeps 10% of the device free.
 """
 
@@ -26,6 +30,7 @@ import math
 import sys
 
 GIB = 2**30
+AUTOTUNE_FLUSH = 256 * 2**20  # triton.testing.do_bench's L2-flush buffer, allocated by every autotuning benchmark
 HEADROOM = 0.9  # fraction of a device's memory the plan may fill: the rest is CUDA context, NCCL, fragmentation
 # Usable GiB of cards sold as "N GB" (H100 80GB reports 79.1 GiB, A6000 47.5, RTX 4090 23.6).
 CARDS = {24: 23.6, 48: 47.5, 80: 79.1}
@@ -171,9 +176,25 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
     if not one_pass:  # DPO's head backward: chunks recomputed, grad_w accumulated, then cast
         moments["head backward"] = acts + root + hidden + chunk + grad_h + grad_w + head_grad
     moment = max(moments, key=moments.get)
+
+    # --- autotuning (a step that tunes) -------------------------------------------------------------------
+    # The Triton kernels (CUDA, 16-bit compute) tune at the first call with a new shape: attention in the first
+    # forward (layer 0, little alive) and backward (the last layer: the "backward" moment), the head's kernels
+    # in the head. Each trial run sits beside the flush buffer; the accumulating GEMM (the LM head's gradient)
+    # also beside a copy of its accumulator, restored after each trial.
+    tunes = cuda and c == 2
+    flush = add("autotune", "Triton's benchmark flush buffer (a step that autotunes)", AUTOTUNE_FLUSH if tunes else 0)
+    restore = add("autotune", "LM head gradient copy, restored by its GEMM's tuning",
+                  4 * V * D if tunes and head_trainable else 0)
+    head_moment = "end of forward (head)" if one_pass else "head backward"
+    first_step = {m: b + (flush if m != "end of backward (root reduce-scatter)" else 0)
+                  + (restore if m == head_moment else 0) for m, b in moments.items()}
+    first_moment = max(first_step, key=first_step.get)
     return dict(items=items, persistent=persistent, moments=moments, moment=moment,
-                peak=persistent + moments[moment], world=world, device=device, stage=stage, tokens=tok, rows=rows,
-                seq_len=T, lora_rank=rank, activation_checkpointing=ac, micro_batch_size=tcfg.micro_batch_size)
+                peak=persistent + moments[moment], first_step_moment=first_moment,
+                first_step_peak=persistent + first_step[first_moment], world=world, device=device, stage=stage,
+                tokens=tok, rows=rows, seq_len=T, lora_rank=rank, activation_checkpointing=ac,
+                micro_batch_size=tcfg.micro_batch_size)
 
 
 def format_plan(p, device_bytes=None):
@@ -187,12 +208,13 @@ def format_plan(p, device_bytes=None):
         lines.append(f"  {'moment':<12} {name + ': persistent + ' + format(b / GIB, '.2f') + ' GiB':<62} "
                      f"{(p['persistent'] + b) / GIB:8.2f} GiB")
     tail = f" of {device_bytes / GIB:.1f} GiB on the device" if device_bytes else ""
-    lines.append(f"  planned peak {p['peak'] / GIB:.2f} GiB ({p['moment']}){tail}")
+    lines.append(f"  planned peak {p['peak'] / GIB:.2f} GiB ({p['moment']}); in a step that autotunes (the first) "
+                 f"{p['first_step_peak'] / GIB:.2f} GiB ({p['first_step_moment']}){tail}")
     return "\n".join(lines)
 
 
 def fits(p, device_bytes):
-    return p["peak"] <= HEADROOM * device_bytes
+    return p["first_step_peak"] <= HEADROOM * device_bytes
 
 
 def suggestions(mcfg, tcfg, world, device, stage, seq_len, device_bytes):
@@ -212,7 +234,7 @@ def suggestions(mcfg, tcfg, world, device, stage, seq_len, device_bytes):
     out = []
     for knob, cfg, w in tries:
         q = plan(mcfg, cfg, w, device, stage, seq_len)
-        out.append(f"{knob}: {q['peak'] / GIB:.1f} GiB{' (fits)' if fits(q, device_bytes) else ''}")
+        out.append(f"{knob}: {q['first_step_peak'] / GIB:.1f} GiB{' (fits)' if fits(q, device_bytes) else ''}")
     return out
 
 
@@ -222,7 +244,8 @@ def check(p, device_bytes, mcfg, tcfg, seq_len=None):
         return
     tips = suggestions(mcfg, tcfg, p["world"], p["device"], p["stage"], seq_len, device_bytes)
     raise MemoryError(
-        f"memory plan: {p['peak'] / GIB:.1f} GiB per GPU at the peak ({p['moment']}), more than "
+        f"memory plan: {p['first_step_peak'] / GIB:.1f} GiB per GPU at the peak ({p['first_step_moment']}, first "
+        f"step), more than "
         f"{HEADROOM:.0%} of the {device_bytes / GIB:.1f} GiB this GPU has. Turn one of these knobs (planned peak "
         f"with it):\n  " + "\n  ".join(tips) + "\nor set MEMPLAN_CHECK=0 to start anyway.")
 
@@ -261,7 +284,7 @@ def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
     out = []
     for mb in micro_batches:
         p = plan(mcfg, T(mb, seq_len), 1, "cuda", stage, seq_len)
-        out.append((mb, p["peak"], {gb: fits(p, g * GIB) for gb, g in CARDS.items()}))
+        out.append((mb, p["first_step_peak"], {gb: fits(p, g * GIB) for gb, g in CARDS.items()}))
     return out
 
 

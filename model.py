@@ -6,6 +6,7 @@ checkpoints load with strict=True and what we save loads in transformers and vLL
 The model is a plain nn.Module: sharding, mixed precision and checkpointing live in the stage code.
 """
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -174,12 +175,15 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@functools.cache
 def _flash_attention():
     # The Triton kernel, when it exists and applies (CUDA, no KV cache). Imported lazily so model.py
-    # works on machines where kernels/ cannot be compiled.
+    # works on machines where kernels/ cannot be compiled. Hidden from torch.compile (compile=true): a
+    # decoder layer is compiled around it, with a graph break, and the kernels run as they do in eager mode;
+    # dynamo cannot trace the Triton interpreter (--rehearse_gpu) and need not trace the autotuner's launch.
     try:
         from kernels.attention import flash_attention
-        return flash_attention
+        return torch.compiler.disable(flash_attention)
     except ImportError:
         return None
 
@@ -366,6 +370,8 @@ class KVCache:
 
 
 class Mistral(nn.Module):
+    kernels_on_cpu = False  # True: CPU tensors take the Triton attention path too (--rehearse_gpu, interpreter)
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
@@ -399,8 +405,10 @@ class Mistral(nn.Module):
                 return Mask("dense", dense=dense, blocks=query_blocks(T, cfg.sliding_window))
             dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
             return Mask("dense", dense=dense)
-        # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128); other shapes use SDPA.
-        flash = _flash_attention() if x.is_cuda and cfg.head_dim in (16, 32, 64, 128) else None
+        # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128) in bf16 or fp16; other shapes,
+        # and fp32 (whose kernel configurations spill: README, "fp32 on CUDA"), use SDPA.
+        on_kernels = (x.is_cuda or self.kernels_on_cpu) and x.dtype != torch.float32
+        flash = _flash_attention() if on_kernels and cfg.head_dim in (16, 32, 64, 128) else None
         if flash is not None:
             seg = segment_ids
             # Padding becomes its own segment (-1): real tokens never see it. Right padding without

@@ -58,6 +58,7 @@ class Config:
     stop_after: int = -1                          # end this process after this step (time-limited jobs)
     export_dtype: str = "bfloat16"
     device: str = "auto"
+    rehearse_gpu: bool = False                    # TRITON_INTERPRET=1: CUDA's path (Triton kernels, bf16) on CPU
     # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
@@ -197,7 +198,7 @@ def evaluate(model, shards, rows, cfg, d):
 def main(argv):
     cfg = common.parse_config(Config, argv)
     adapters = lora.settings(cfg)
-    d = common.setup_dist(cfg.device)
+    d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)
     train, test = Shards(cfg.data_dir, "train"), Shards(cfg.data_dir, "test")
@@ -226,6 +227,7 @@ def main(argv):
     tokenizer = common.load_tokenizer(cfg.tokenizer or cfg.init_from, mcfg, [train, test])
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, device_type=d.device.type)
     step, last_ckpt = common.start_or_resume(cfg, model, optimizer, d)
+    first_step = step + 1                         # this process's first: where the Triton kernels autotune
     common.announce(cfg, d, [
         f"model: {mcfg.num_params() / 1e6:.1f}M parameters, {d.world} ranks on {d.device.type}",
         f"data: {len(train)} train examples -> {len(plan.rows)} rows of {cfg.seq_len} tokens"
@@ -267,9 +269,9 @@ def main(argv):
         dt = time.time() - t0
         metrics = dict(loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=tokens, fill=tokens / positions,
                        rows=len(rows), tokens_per_s=tokens / dt, epoch=step / steps_per_epoch)
-        if peak:
+        if peak:  # a GPU of known peak FLOP/s
             metrics["mfu"] = fpt * tokens / dt / (peak * d.world)
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        common.log_peak_memory(metrics, d, step == first_step)
         if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == total_steps):
             metrics["eval_loss"] = evaluate(model, test, eval_rows, cfg, d)
         log.log(step, **metrics)

@@ -1,190 +1,579 @@
-"""`python bench.py gpu`: what a user with a GPU runs first (kernel checks, kernel tables, 1-GPU SFT
-throughput, sft.py and dpo.py against memplan's plan).
+"""`python bench.py gpu`: what a user with a GPU runs first, the decisive numbers within a time budget.
+
+    python bench.py gpu [--budget_s=480] [--out_dir=out/bench_gpu]      # one CUDA GPU
+    python bench.py gpu --rehearse --out_dir=D                           # every part's orchestration on CPU
+
+Parts, in order of value (PARTS): kernel correctness in bf16 against fp32 torch, with pass/fail thresholds; the
+attention and log-prob tables at the sizes users run; the 1-GPU SFT step of the ~1B preset (tokens/s, MFU); sft.py
+and dpo.py against the memory plan. Each part runs in its own subprocess (`python -m benchmarks.gpu --part NAME`),
+with what is left of the budget as its timeout; a part whose estimate (ESTIMATE_S, seconds on one H200:
+BENCHMARKS.md says how they were counted) exceeds what is left is skipped. So a crash, a CUDA error or a hang costs
+one part, never the others. Each part's record is appended to OUT_DIR/gpu.jsonl the moment it exists (part, status
+= ok | failed | timeout | skipped, seconds, and the part's figures), and OUT_DIR/gpu.md, a Markdown summary, is
+rewritten after every part.
+
+Autotuning: each part's first call of a kernel at a shape tunes it (compiles come from Triton's disk cache after
+the first part that needs them); the tables time only later calls and report the first call's seconds as tune_s.
+The stage runs tune in their first step, whose seconds and peak memory are reported apart from the steady state.
+Stage runs stop before their final checkpoint and export (--stop_after): nothing multi-GB is written but the
+DPO part's 2.0 GB bf16 init model, deleted when dpo.py is done.
+
+--rehearse runs the same orchestration on the CPU: tiny shapes, the Triton kernels in the interpreter
+(TRITON_INTERPRET=1), the stages with --rehearse_gpu=true on gloo. Its timings mean nothing; CI checks that every
+part ends ok.
 """
 
+import argparse
 import datetime
-import importlib
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
-from benchmarks.harness import LR, ROOT, SEED, fmt, spawn
-from kernels.bench import proc_status
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+PARTS = ["correctness", "attention", "logprobs", "sft_step", "sft_stage", "dpo_stage"]
+ESTIMATE_S = {"correctness": 80, "attention": 30, "logprobs": 30, "sft_step": 40, "sft_stage": 50, "dpo_stage": 65}
+REHEARSE_ESTIMATE_S = {"correctness": 20, "attention": 10, "logprobs": 10, "sft_step": 15, "sft_stage": 20,
+                       "dpo_stage": 25}
+RESERVE_S = 5          # of the budget, kept for the summary
+SEED = 0
+
+# Sizes per mode. GPU: what users run (Mistral's attention: 32 query / 8 KV heads of 128, window 4096; SFT rows of
+# 2048 packed, DPO rows of ~1024 right-padded; the 7B vocabulary and width in the head; the ~1B preset for the
+# steps). Rehearsal: the same structure, small enough for the interpreter.
+SIZES = {
+    False: dict(heads=(32, 8, 128), window=4096, short_window=512, attn_rows={"sft": (4, 2048), "dpo": (8, 1024)},
+                check_T=2048, check_B=2, head=(4096, 32000), logprob_rows=(4096, 8192), check_N=4096,
+                preset="mistral-1b", step_batch=(4, 2048), warmup=3, steps=10, stage_steps=5, stage_seq=2048,
+                dpo_lengths=(400, 1024)),
+    True: dict(heads=(2, 1, 16), window=16, short_window=8, attn_rows={"sft": (2, 32), "dpo": (4, 24)},
+               check_T=40, check_B=2, head=(32, 300), logprob_rows=(64,), check_N=37,
+               preset=None, step_batch=(2, 32), warmup=1, steps=1, stage_steps=2, stage_seq=32, dpo_lengths=(10, 20)),
+}
+# The rehearsal's model: one layer, head_dim 16 (the kernels' smallest), GQA 2:1, window 16.
+TINY = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, sliding_window=16, max_position_embeddings=256, dtype="float32")
+
+
+def device(rehearse):
+    return torch.device("cpu" if rehearse else "cuda")
+
+
+def gpu_name(rehearse):
+    return "CPU (rehearsal: Triton interpreter)" if rehearse else torch.cuda.get_device_name()
+
+
+def timer(rehearse):
+    """fn -> milliseconds per call: Triton's do_bench on CUDA (L2 flushed, medians), one timed call on CPU."""
+    if not rehearse:
+        import triton.testing
+        return lambda fn, grad_to_none=None: triton.testing.do_bench(fn, grad_to_none=grad_to_none)
+
+    def once(fn, grad_to_none=None):
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    return once
+
+
+def synchronize(rehearse):
+    if not rehearse:
+        torch.cuda.synchronize()
+
 
 # -----------------------------------------------------------------------------
-# GPU: 1-GPU SFT throughput of the ~1B preset (bf16 mixed precision, FSDP2 on one rank, as sft.py runs it)
+# Part 1: correctness. Each row: what, max abs error, bound, pass. Bounds: attention and gradients within 2^-6 of
+# the reference's largest magnitude (four bf16 steps: P and dS are rounded to bf16 before their matmuls, as in
+# FlashAttention-2; the log-prob GEMMs take 16-bit dz); log-probs within 2^-10 of the largest (fp32 sums of
+# exact bf16 products, in another order). A race, a wrong mask or a wrong stride is off by O(1) of the magnitude.
 
 
-GPU_SFT = dict(batch=4, seq=2048, warmup=3, steps=10)
+def check_row(what, got, want, rel):
+    err = (got.float() - want.float()).abs().max().item()
+    bound = rel * want.float().abs().max().item()
+    return dict(check=what, error=err, bound=bound, passed=bool(err <= bound))
 
 
-def case_gpu_sft(impl, weights):
+def part_correctness(rehearse):
+    from kernels.attention import flash_attention, reference_attention
+    from kernels.logprobs import reference_token_logprobs, token_logprobs
+    s, dev = SIZES[rehearse], device(rehearse)
+    g = torch.Generator(device=dev).manual_seed(SEED)
+    H, H_kv, D = s["heads"]
+    B, T = s["check_B"], s["check_T"]
+    rows = []
+    # Packed rows as sft.py makes them, and the right end as padding (segment -1, as model.py marks it).
+    cut = [T // 3, T // 3 + T // 4, T - T // 8]
+    seg = torch.zeros(B, T, dtype=torch.long, device=dev)
+    for i, c in enumerate(cut):
+        seg[:, c:] = i + 1
+    seg[:, cut[-1]:] = -1
+    for name, window, segments in (("Mistral window", s["window"], None), ("short window", s["short_window"], None),
+                                   ("packed + padding -1", s["window"], seg)):
+        q = torch.randn(B, H, T, D, device=dev, generator=g).bfloat16().requires_grad_()
+        k, v = (torch.randn(B, H_kv, T, D, device=dev, generator=g).bfloat16().requires_grad_() for _ in range(2))
+        do = torch.randn(B, H, T, D, device=dev, generator=g).bfloat16()
+        out = flash_attention(q, k, v, causal=True, sliding_window=window, segment_ids=segments)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        ref = reference_attention(*ref_in, True, window, segments)
+        ref_grads = torch.autograd.grad(ref, ref_in, do.float())
+        rows.append(check_row(f"attention T={T} {name}: output", out, ref, 2.0 ** -6))
+        for x, got, want in zip("qkv", grads, ref_grads):
+            rows.append(check_row(f"attention T={T} {name}: d{x}", got, want, 2.0 ** -6))
+    N, (Dh, V) = s["check_N"], s["head"]
+    h = (0.5 * torch.randn(N, Dh, device=dev, generator=g)).bfloat16()
+    w = (0.02 * torch.randn(V, Dh, device=dev, generator=g)).bfloat16()
+    t = torch.randint(0, V, (N,), device=dev, generator=g)
+    mask = torch.ones(N, device=dev)
+    ref_h, ref_w = h.float().requires_grad_(), w.float().requires_grad_()
+    ref = reference_token_logprobs(ref_h, ref_w, t)
+    ref_grads = torch.autograd.grad(-ref.sum() / N, (ref_h, ref_w))
+    # recompute: DPO's path (backward recomputes the logits); one pass: SFT's (expected_grad). Both write 16-bit dz.
+    for mode, kw in (("recompute", {}), ("one pass", {"expected_grad": -mask})):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = token_logprobs(hh, ww, t, **kw)
+        grads = torch.autograd.grad(-out.sum() / N, (hh, ww))
+        rows.append(check_row(f"log-probs N={N} D={Dh} V={V} {mode}: values", out, ref, 2.0 ** -10))
+        rows.append(check_row(f"log-probs {mode}: d hidden", grads[0], ref_grads[0], 2.0 ** -6))
+        rows.append(check_row(f"log-probs {mode}: d weight", grads[1], ref_grads[1], 2.0 ** -6))
+    failed = [r["check"] for r in rows if not r["passed"]]
+    return dict(rows=rows, passed=not failed, failed=failed)
+
+
+# -----------------------------------------------------------------------------
+# Part 2: attention TFLOP/s at the sizes of sft.py (packed rows: segments) and dpo.py (right padding: none), both
+# with Mistral's window, against torch SDPA's flash backend (K/V repeated for GQA; no window there, which at
+# T <= 4096 masks nothing) and flash-attn if installed.
+
+
+def part_attention(rehearse):
+    from kernels.attention import flash_attention
+    from kernels.bench import _tflops, attention_flops
+    import torch.nn.functional as F
+    s, dev = SIZES[rehearse], device(rehearse)
+    H, H_kv, D = s["heads"]
+    bench = timer(rehearse)
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    rows = []
+    for stage, (B, T) in s["attn_rows"].items():
+        q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(B, H_kv, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        seg = (torch.arange(T, device=dev) // (T // 4)).expand(B, T).contiguous() if stage == "sft" else None
+
+        def ours():
+            return flash_attention(q, k, v, causal=True, sliding_window=s["window"], segment_ids=seg)
+        t0 = time.perf_counter()                 # the first call compiles (or loads) and tunes forward and backward
+        ours().backward(torch.ones_like(q))
+        synchronize(rehearse)
+        tune_s = time.perf_counter() - t0
+        flops = attention_flops(B, H, T, D, True, s["window"])
+        row = dict(stage=stage, B=B, T=T, segments=seg is not None, tune_s=tune_s,
+                   ours=_tflops(ours, [q, k, v], flops, bench))
+        if seg is None and not rehearse:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            k_rep, v_rep = (x.detach().repeat_interleave(H // H_kv, dim=1).requires_grad_() for x in (k, v))
+
+            def sdpa():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+            row["sdpa_flash"] = _tflops(sdpa, [q, k_rep, v_rep], flops, bench)
+        if flash_attn_func is not None and seg is None and not rehearse:
+            qf, kf, vf = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+            row["flash_attn"] = _tflops(lambda: flash_attn_func(qf, kf, vf, causal=True,
+                                                                window_size=(s["window"] - 1, 0)), [qf, kf, vf], flops,
+                                        bench)
+        rows.append(row)
+        del q, k, v
+    return dict(rows=rows, heads=s["heads"], window=s["window"], unit="TFLOP/s fwd, bwd, fwd+bwd")
+
+
+# -----------------------------------------------------------------------------
+# Part 3: the log-prob head, fwd + bwd, at the target rows of a micro-batch (SFT: ~half of 4 x 2048; DPO fewer):
+# our two gradient modes against full bf16 logits (kernels.bench's methods). Time and extra peak memory.
+
+
+def part_logprobs(rehearse):
+    from kernels.bench import METHODS, make_inputs, train_step
+    s, dev = SIZES[rehearse], device(rehearse)
+    D, V = s["head"]
+    bench = timer(rehearse)
+    rows = []
+    for N in s["logprob_rows"]:
+        for method in METHODS:
+            inputs = make_inputs(N, D, V, torch.bfloat16, dev.type)
+            t0 = time.perf_counter()
+            train_step(method, *inputs)                                  # compiles (or loads) and tunes
+            synchronize(rehearse)
+            tune_s = time.perf_counter() - t0
+            extra = None
+            if not rehearse:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                train_step(method, *inputs)
+                torch.cuda.synchronize()
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+            ms = bench(lambda: train_step(method, *inputs))
+            rows.append(dict(N=N, method=method, ms=ms, extra_gib=extra, tune_s=tune_s))
+            del inputs
+    return dict(rows=rows, D=D, V=V)
+
+
+# -----------------------------------------------------------------------------
+# Part 4: one GPU, the ~1B preset, FSDP2 on one rank with bf16 compute (as sft.py builds it), packed rows.
+
+
+def tiny_model_dir(work):
+    """The rehearsal's HF-format model (TINY, random weights), written once into the work directory."""
+    from model import Mistral, MistralConfig
+    path = os.path.join(work, "tiny_hf")
+    if not os.path.exists(path):
+        m = Mistral(MistralConfig(**TINY))
+        m.init_weights(seed=SEED)
+        m.save_pretrained(path)
+    return path
+
+
+def part_sft_step(rehearse, work):
     import common
-    d = common.setup_dist("cuda")
-    model, mcfg = common.build_model("scratch", d, model_preset="mistral-1b", seed=SEED, mixed_precision=True)
-    opt = common.make_optimizer(model, LR, device_type="cuda")
-    B, T, W, S = GPU_SFT["batch"], GPU_SFT["seq"], GPU_SFT["warmup"], GPU_SFT["steps"]
+    s = SIZES[rehearse]
+    d = common.setup_dist(device(rehearse).type, rehearse_gpu=rehearse)
+    if rehearse:
+        model, mcfg = common.build_model(tiny_model_dir(work), d)
+    else:
+        model, mcfg = common.build_model("scratch", d, model_preset=s["preset"], seed=SEED)
+    opt = common.make_optimizer(model, 1e-5, device_type=d.device.type)
+    B, T = s["step_batch"]
     g = torch.Generator().manual_seed(SEED)
-    times = []
-    for step in range(W + S):
+    times, first_peak, peak = [], None, None
+    for step in range(s["warmup"] + s["steps"]):
         ids = torch.randint(3, mcfg.vocab_size, (B, T), generator=g).to(d.device)
         targets = torch.full_like(ids, -100)
         targets[:, :-1] = ids[:, 1:]
-        batch = {"input_ids": ids, "targets": targets, "segment_ids": torch.zeros_like(ids)}  # packed rows
-        torch.cuda.synchronize()
+        seg = (torch.arange(T) // (T // 4)).expand(B, T).to(d.device)             # 4 packed examples per row
+        synchronize(rehearse)
         t0 = time.perf_counter()
-        model.set_requires_gradient_sync(True)
         mask = (targets != -100).float()
-        nll = -model(**batch, expected_grad=-mask).sum()
+        nll = -model(ids, targets=targets, segment_ids=seg, expected_grad=-mask).sum()
         (nll / mask.sum()).backward()
-        loss = nll.item() / float(mask.sum())
-        common.optimizer_step(model, opt, 1.0, step, loss, None)
-        torch.cuda.synchronize()
+        common.optimizer_step(model, opt, 1.0, step, nll.item() / float(mask.sum()), None)
+        synchronize(rehearse)
         times.append(time.perf_counter() - t0)
-    tps = B * T / statistics.median(times[W:])
-    peak = common.peak_flops(d.device)
-    mfu = common.flops_per_token(mcfg, T) * tps / peak if peak else None
-    return dict(times=times[W:], warmup_times=times[:W], tokens_per_step=B * T, tokens_per_s=tps, mfu=mfu,
-                params=mcfg.num_params(), gpu=torch.cuda.get_device_name(), loads=[0.0] * S,
-                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, peak=proc_status("VmHWM"), extra=0)
+        if not rehearse and step == 0:           # the first step autotunes: its peak apart from the steady state
+            first_peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+    if not rehearse:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    tokens_per_s = B * T / statistics.median(times[s["warmup"]:])
+    flops = common.peak_flops(d.device)
+    mfu = common.flops_per_token(mcfg, T) * tokens_per_s / flops if flops else None
+    common.shutdown()
+    return dict(gpu=gpu_name(rehearse), params=mcfg.num_params(), batch=[B, T], tokens_per_s=tokens_per_s, mfu=mfu,
+                first_step_s=times[0], step_s=statistics.median(times[s["warmup"]:]), first_step_peak_gib=first_peak,
+                peak_gib=peak)
 
 
-GPU_STAGE_STEPS = 6   # optimizer steps of sft.py and dpo.py in `bench.py gpu` (the first 2 are warm-up)
+# -----------------------------------------------------------------------------
+# Parts 5 and 6: sft.py, then dpo.py, as a user runs them, for a few steps on random tokens; their logged peaks
+# (first step, steady state) against memplan's plan. A word-level tokenizer of the model's vocabulary size is
+# trained in a second (the stages check it against the model); no checkpoint, no export (--stop_after).
 
 
-def gpu_correctness():
-    """Our CUDA kernels against torch references in bf16: values and gradients. Returns rows of (what, max error)."""
-    import torch.nn.functional as F
-    from kernels.attention import flash_attention
-    from kernels.logprobs import reference_token_logprobs, token_logprobs
-    g = torch.Generator(device="cuda").manual_seed(SEED)
-    rows = []
-    for T, window in ((2048, None), (2048, 512)):
-        q = torch.randn(2, 32, T, 128, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        k = torch.randn(2, 8, T, 128, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        v = torch.randn(2, 8, T, 128, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
-        do = torch.randn(2, 32, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        i = torch.arange(T, device="cuda")
-        mask = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] < window) if window else True)
-        ref = F.scaled_dot_product_attention(*(x.float() for x in (q, k, v)), attn_mask=mask, enable_gqa=True)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), do.float())
-        out = flash_attention(q, k, v, causal=True, sliding_window=window)
-        grads = torch.autograd.grad(out, (q, k, v), do)
-        rows.append((f"attention T={T} window={window}: output", (out.float() - ref).abs().max().item()))
-        for name, a, b in zip("qkv", grads, ref_grads):
-            rows.append((f"attention T={T} window={window}: d{name}", (a.float() - b).abs().max().item()))
-    N, D, V = 4096, 4096, 32000
-    h = (torch.randn(N, D, device="cuda", generator=g) * 0.5).bfloat16().requires_grad_()
-    w = (torch.randn(V, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
-    t = torch.randint(0, V, (N,), device="cuda", generator=g)
-    ref = reference_token_logprobs(h, w, t)
-    rg = torch.autograd.grad(ref.sum(), (h, w))
-    out = token_logprobs(h, w, t)
-    og = torch.autograd.grad(out.sum(), (h, w))
-    rows.append(("log-probs N=4096 D=4096 V=32000: values", (out - ref).abs().max().item()))
-    rows.append(("log-probs: d hidden", (og[0].float() - rg[0].float()).abs().max().item()))
-    rows.append(("log-probs: d weight", (og[1].float() - rg[1].float()).abs().max().item()))
-    return rows
-
-
-def gpu_stage_runs(tmp):
-    """sft.py, then dpo.py from its export, for GPU_STAGE_STEPS steps on the ~1B preset (1 GPU, bf16, seq 2048,
-    micro batch 4, checkpointing off), on random tokens. Returns per stage the median tokens/s, MFU, peak memory
-    (torch.cuda.max_memory_allocated) and the memory plan's peak."""
+def tokenizer(work, vocab):
+    from data.tokenizer import train_tokenizer
     import numpy as np
-    import memplan
-    import model as M
+    path = os.path.join(work, f"words{vocab}.model")
+    if not os.path.exists(path):
+        rng = np.random.default_rng(SEED)
+        letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+        words = ["".join(rng.choice(letters, 7)) for _ in range(vocab + 8000)]
+        train_tokenizer([" ".join(words[i:i + 20]) for i in range(0, len(words), 20)], path[:-len(".model")], vocab,
+                        model_type="word")
+    return path
+
+
+def write_shards(directory, vocab, n, lengths, answer_from, seed=SEED):
+    # n examples per split (train; test gets 8), lengths uniform in `lengths`, loss mask from answer_from * length.
+    import numpy as np
     from data.shards import ShardWriter
-    try:
-        import mistral_common
-        tok = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-    except ImportError:
-        return {"skipped": "mistral-common is not installed (sft.py needs a 32000-piece tokenizer.model)"}
-    rng = np.random.default_rng(SEED)
-    for name, n, lo, hi in (("sft", 200, 300, 1200), ("dpo", 200, 400, 900)):
-        for split in ("train", "test"):
-            with ShardWriter(os.path.join(tmp, name), split, 32000) as wr:
-                for _ in range(n if split == "train" else 16):
-                    L = int(rng.integers(lo, hi))
-                    ids = rng.integers(3, 32000, L)
-                    wr.add(ids, (np.arange(L) >= L // 3).astype(np.uint8))
-                wr.close({"tokenizer": tok})
-    common_args = ["--micro_batch_size=4", f"--max_steps={GPU_STAGE_STEPS}", "--eval_every=0", "--ckpt_every=0",
-                   f"--tokenizer={tok}", "--warmup_ratio=0"]
-    runs = {"sft": ["sft.py", "--init_from=scratch", "--model_preset=mistral-1b", f"--data_dir={tmp}/sft",
-                    f"--out_dir={tmp}/out_sft", "--seq_len=2048", "--global_batch_size=4", *common_args],
-            "dpo": ["dpo.py", f"--init_from={tmp}/out_sft/hf", f"--data_dir={tmp}/dpo", f"--out_dir={tmp}/out_dpo",
-                    "--global_batch_size=4", *common_args]}
-    out = {}
-    for stage, cmd in runs.items():
-        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if p.returncode != 0:
-            out[stage] = {"error": (p.stdout + p.stderr)[-3000:]}
-            continue
-        with open(os.path.join(tmp, f"out_{stage}", "metrics.jsonl")) as f:
-            recs = [json.loads(x) for x in f][2:]
-        mcfg = M.config_from_preset("mistral-1b")
-        mod = importlib.import_module(stage)
-        import common
-        tcfg = common.parse_config(mod.Config, cmd[1:])
-        seq = 2048 if stage == "sft" else 900
-        plan = memplan.plan(mcfg, tcfg, 1, "cuda", stage, seq)["peak"]
-        if stage == "sft":
-            tps, mfu = statistics.median(r["tokens_per_s"] for r in recs), statistics.median(r["mfu"] for r in recs)
-        else:  # dpo.py logs pairs/s: 2 examples of 650 tokens on average (uniform 400..900), padding not counted
-            tps = statistics.median(r["pairs_per_s"] for r in recs) * 2 * 650
-            peak_flops = common.peak_flops(torch.device("cuda"))
-            mfu = common.flops_per_token(mcfg, 650) * tps / peak_flops if peak_flops else None
-        peak = max(r.get("peak_mem_gb", 0) for r in recs) * 2**30
-        out[stage] = dict(tokens_per_s=tps, mfu=mfu, peak_gib=peak / 2**30, plan_gib=plan / 2**30,
-                          pairs_per_s=statistics.median(r["pairs_per_s"] for r in recs) if stage == "dpo" else None)
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("test", 8)):
+        with ShardWriter(directory, split, vocab) as wr:
+            for _ in range(count):
+                L = int(rng.integers(*lengths))
+                wr.add(rng.integers(3, vocab, L), (np.arange(L) >= int(answer_from * L)).astype(np.uint8))
+            wr.close({"source": "bench.py gpu: random tokens"})
+
+
+def run_stage(stage, args, rehearse, work):
+    """One stage as a subprocess; returns its metrics.jsonl records. A failure raises with the stage's output."""
+    cmd = [sys.executable, f"{stage}.py", *args, *(["--rehearse_gpu=true"] if rehearse else [])]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, MEMPLAN_CHECK="0"))
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}")
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("--out_dir="))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def stage_figures(stage, args, recs, step_s, tokens, mcfg, seq, rehearse):
+    """A stage run's figures from its metrics.jsonl records: step seconds (first, and the median of the rest),
+    tokens/s, MFU, and its logged peaks (first step, steady state) beside memplan's for its config."""
+    import common
+    import importlib
+    import memplan
+    tcfg = common.parse_config(importlib.import_module(stage).Config, args)
+    plan = memplan.plan(mcfg, tcfg, 1, "cuda", stage, seq)
+    steady = statistics.median(step_s[1:] or step_s)
+    tokens_per_s = tokens / steady
+    flops = None if rehearse else common.peak_flops(torch.device("cuda"))
+    return dict(steps=len(recs), first_step_s=step_s[0], step_s=steady, tokens_per_s=tokens_per_s,
+                mfu=common.flops_per_token(mcfg, seq) * tokens_per_s / flops if flops else None,
+                first_step_peak_gib=recs[0].get("first_step_peak_mem_gb"),
+                peak_gib=max((r["peak_mem_gb"] for r in recs if "peak_mem_gb" in r), default=None),
+                plan_first_step_gib=plan["first_step_peak"] / 2**30, plan_gib=plan["peak"] / 2**30,
+                plan_moment=plan["moment"])
+
+
+def part_sft_stage(rehearse, work):
+    from model import config_from_preset, MistralConfig
+    s = SIZES[rehearse]
+    mcfg = MistralConfig(**TINY) if rehearse else config_from_preset(s["preset"])
+    write_shards(os.path.join(work, "sft"), mcfg.vocab_size, 16 * (s["stage_steps"] + 1),
+                 (s["stage_seq"] // 4, s["stage_seq"] // 2), 0.3)
+    steps, seq, mb = s["stage_steps"], s["stage_seq"], 4 if not rehearse else 2
+    init = ([f"--init_from={tiny_model_dir(work)}"] if rehearse
+            else ["--init_from=scratch", f"--model_preset={s['preset']}"])
+    args = [*init, f"--tokenizer={tokenizer(work, mcfg.vocab_size)}", f"--data_dir={work}/sft",
+            f"--out_dir={work}/out_sft", f"--seq_len={seq}", f"--micro_batch_size={mb}", f"--global_batch_size={mb}",
+            f"--max_steps={steps + 1}", f"--stop_after={steps}", "--eval_every=0", "--ckpt_every=0",
+            "--warmup_ratio=0", "--overwrite=true"]
+    recs = run_stage("sft", args, rehearse, work)
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in recs]          # sft.py logs real tokens and tokens/s
+    return stage_figures("sft", args, recs, step_s, statistics.median(r["tokens"] for r in recs), mcfg, seq, rehearse)
+
+
+def random_hf_model(path, mcfg, dev):
+    """An HF-format directory of random weights in bf16 (norms 1), written tensor by tensor from `dev`."""
+    from model import Mistral
+    from weights import save_checkpoint
+    import dataclasses
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in Mistral(mcfg).named_parameters()}
+    g = torch.Generator(device=dev).manual_seed(SEED)
+
+    def tensors():
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                yield name, (0.02 * torch.randn(shape, device=dev, generator=g)).bfloat16()
+    save_checkpoint(path, dataclasses.replace(mcfg, dtype="bfloat16"), tensors())
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()                 # this process's cached blocks: the device is dpo.py's next
+
+
+def part_dpo_stage(rehearse, work):
+    from model import config_from_preset, MistralConfig
+    s = SIZES[rehearse]
+    mcfg = MistralConfig(**TINY) if rehearse else config_from_preset(s["preset"])
+    steps, mb = s["stage_steps"], 2 if rehearse else 4      # dpo_public's micro batch: 4 pairs = 8 rows
+    init = os.path.join(work, "dpo_init")
+    random_hf_model(init, mcfg, device(rehearse))
+    lo, hi = s["dpo_lengths"]
+    write_shards(os.path.join(work, "pairs"), mcfg.vocab_size, 2 * mb * (steps + 1), (lo, hi), 0.5)
+    args = [f"--init_from={init}", f"--tokenizer={tokenizer(work, mcfg.vocab_size)}", f"--data_dir={work}/pairs",
+            f"--out_dir={work}/out_dpo", f"--micro_batch_size={mb}", f"--global_batch_size={mb}",
+            f"--max_steps={steps + 1}", f"--stop_after={steps}", "--eval_every=0", "--ckpt_every=0",
+            "--warmup_ratio=0", "--overwrite=true"]
+    recs = run_stage("dpo", args, rehearse, work)
+    shutil.rmtree(init, ignore_errors=True)
+    step_s = [mb / r["pairs_per_s"] for r in recs]                    # dpo.py logs pairs/s
+    # Examples of lengths uniform in [lo, hi): a micro-batch of mb pairs holds 2 mb (lo + hi) / 2 tokens on average,
+    # padding not counted; rows are padded to the longest, up to hi (the plan's length).
+    out = stage_figures("dpo", args, recs, step_s, mb * (lo + hi), mcfg, hi, rehearse)
+    out["pairs_per_s"] = mb / out["step_s"]
     return out
 
 
-def run_gpu(out_dir="out/bench_gpu"):
-    """`python bench.py gpu`: what a user with a GPU runs first. Kernel correctness (bf16, against torch), the kernel
-    tables of kernels.bench, one-GPU throughput of the ~1B preset, and sft.py and dpo.py for a few steps with
-    peak memory against memplan's plan. Writes out_dir/bench_gpu.json and bench_gpu.md."""
-    print("\nGPU")
-    if not torch.cuda.is_available():
-        print("skipped: torch.cuda.is_available() is False (no GPU on this machine)")
-        return
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    res["correctness"] = gpu_correctness()
-    print("| kernel check (bf16, vs torch in fp32) | max abs error |\n|---|---:|")
-    for what, err in res["correctness"]:
-        print(f"| {what} | {err:.3g} |")
-    p = subprocess.run([sys.executable, "-m", "kernels.bench"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    res["kernels_bench"] = p.stdout if p.returncode == 0 else p.stderr[-3000:]
-    print(res["kernels_bench"].rstrip())
-    sft_step = spawn("gpu_sft", "ours", "", timeout=900)
-    if sft_step is not None:
-        res["sft_step"] = {k: sft_step[k] for k in ("tokens_per_s", "mfu", "peak_gpu_gib", "params")}
-        print(f"\n1-GPU SFT step, preset mistral-1b ({sft_step['params'] / 1e9:.2f}B params), batch {GPU_SFT['batch']} x "
-              f"{GPU_SFT['seq']}, bf16, FSDP2 on 1 rank: {sft_step['tokens_per_s']:.0f} tokens/s, MFU "
-              f"{fmt(sft_step['mfu'], '.1%', '')}, peak {sft_step['peak_gpu_gib']:.1f} GiB")
-    with tempfile.TemporaryDirectory() as tmp:
-        res["stages"] = gpu_stage_runs(tmp)
-    md = ["| stage (mistral-1b, 1 GPU, micro batch 4) | tokens/s | MFU | peak GiB | plan GiB | peak / plan |",
-          "|---|---:|---:|---:|---:|---:|"]
-    for stage, r in res["stages"].items():
-        if isinstance(r, dict) and "peak_gib" in r:
-            md.append(f"| {stage}.py | {fmt(r['tokens_per_s'], '.0f', '')} | {fmt(r['mfu'], '.1%', '')} | "
-                      f"{r['peak_gib']:.1f} | {r['plan_gib']:.1f} | {r['peak_gib'] / r['plan_gib']:.2f} |")
-        else:
-            md.append(f"| {stage}.py | {r if isinstance(r, str) else str(r)[:300]} | | | | |")
-    print("\n" + "\n".join(md))
+PART_FUNCTIONS = {"correctness": part_correctness, "attention": part_attention, "logprobs": part_logprobs,
+                  "sft_step": part_sft_step, "sft_stage": part_sft_stage, "dpo_stage": part_dpo_stage}
+
+
+def run_part(name, rehearse, work):
+    """Inside the part's subprocess: the figures of one part, printed as a RESULT line."""
+    fn = PART_FUNCTIONS[name]
+    figures = fn(rehearse, work) if name in ("sft_step", "sft_stage", "dpo_stage") else fn(rehearse)
+    figures["gpu"] = gpu_name(rehearse)          # named here: the parent never opens a CUDA context of its own
+    print("RESULT " + json.dumps(figures), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# The parent: the budget, one subprocess per part, gpu.jsonl and gpu.md
+
+
+def spawn_part(name, rehearse, work, timeout):
+    """Runs one part; returns (status, figures or an error text)."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--part", name, "--work", work]
+    cmd += ["--rehearse"] if rehearse else []
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if rehearse:
+        env["TRITON_INTERPRET"] = "1"                    # before Python starts: Triton reads it when kernels load
+    # A session of its own, so that a timeout kills the stage runs it started too (they hold the GPU).
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return "timeout", f"killed after {timeout:.0f} s (the budget's end): {err[-2000:]}"
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        return "failed", f"exit {p.returncode}: " + (err or out)[-3000:]
+    return "ok", json.loads(lines[-1][len("RESULT "):])
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_gpu(out_dir="out/bench_gpu", budget_s=480.0, rehearse=False):
+    """`python bench.py gpu`: the parts in order within budget_s seconds; returns the records (also in gpu.jsonl)."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_gpu.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(out_dir, "bench_gpu.md"), "w") as f:
-        f.write(f"GPU check on {res['gpu']}, torch {res['torch']}, {res['time']}\n\n| kernel check | max abs error |\n"
-                "|---|---:|\n" + "".join(f"| {w} | {e:.3g} |\n" for w, e in res["correctness"]) + "\n" + "\n".join(md) + "\n")
-    print(f"wrote {out_dir}/bench_gpu.json and bench_gpu.md")
+    jsonl, work = os.path.join(out_dir, "gpu.jsonl"), os.path.join(out_dir, "work")
+    if os.path.exists(jsonl):
+        os.replace(jsonl, jsonl + ".previous")
+    os.makedirs(work, exist_ok=True)
+    estimates = REHEARSE_ESTIMATE_S if rehearse else ESTIMATE_S
+    head = dict(gpu=gpu_name(True) if rehearse else None, torch=torch.__version__,      # GPU: named by the parts
+                date=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(), budget_s=budget_s,
+                rehearse=rehearse)
+    print(f"\nbench.py gpu{' --rehearse' if rehearse else ''}: budget {budget_s:.0f} s, results in {jsonl}", flush=True)
+    start, records = time.monotonic(), []
+    for name in PARTS:
+        left = budget_s - RESERVE_S - (time.monotonic() - start)
+        t0 = time.monotonic()
+        if not rehearse and not torch.cuda.is_available():
+            status, result = "skipped", "no CUDA device (torch.cuda.is_available() is False)"
+        elif estimates[name] > left:
+            status, result = "skipped", f"estimated {estimates[name]} s, {max(left, 0):.0f} s of the budget left"
+        else:
+            status, result = spawn_part(name, rehearse, os.path.abspath(work), left)
+        if status == "ok" and name == "correctness" and not result.get("passed"):
+            status = "failed"                            # a check beyond its bound fails the part
+            result["error"] = "checks beyond their bounds: " + ", ".join(result.get("failed", []))
+        rec = dict(part=name, status=status, seconds=round(time.monotonic() - t0, 1), **head)
+        rec.update(result if isinstance(result, dict) else {"error": result})
+        append_jsonl(jsonl, rec)
+        records.append(rec)
+        print(f"  {name}: {status} ({rec['seconds']:.0f} s){': ' + rec['error'][:300] if 'error' in rec else ''}",
+              flush=True)
+        write_summary(os.path.join(out_dir, "gpu.md"), head, records)
+    shutil.rmtree(work, ignore_errors=True)
+    print(open(os.path.join(out_dir, "gpu.md")).read())
+    return records
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def fmt(x, spec=".1f", none="n/a"):
+    return none if x is None else format(x, spec)
+
+
+def pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"       # MFU: none on a GPU missing from the peak-FLOPs table
+
+
+def params(n):
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def rate(x):
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def write_summary(path, head, records):
+    """gpu.md: the statuses, then a table per part that gave figures."""
+    gpu = next((r["gpu"] for r in records if r.get("gpu")), head["gpu"])
+    md = [f"# bench.py gpu{' --rehearse' if head['rehearse'] else ''}: {gpu or 'no GPU'}, {head['date']}, commit "
+          f"{head['commit']}, torch {head['torch']}, budget {head['budget_s']:.0f} s", ""]
+    md += ["| part | status | seconds |", "|---|---|---:|"]
+    md += [f"| {r['part']} | {r['status']}{': ' + r['error'][:120].replace(chr(10), ' ') if 'error' in r else ''} | "
+           f"{r['seconds']:.0f} |" for r in records]
+    for r in records:
+        if "rows" in r or "tokens_per_s" in r:
+            md.append("")
+            try:
+                md += part_table(r)
+            except (KeyError, TypeError, ValueError) as e:                     # a summary never stops the run
+                md.append(f"{r['part']}: figures in gpu.jsonl ({type(e).__name__} {e} while summarizing)")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def part_table(r):
+    """The Markdown table of one part's figures."""
+    if r["part"] == "correctness":
+        md = ["| kernel check (bf16 vs fp32 torch) | max abs error | bound | pass |", "|---|---:|---:|:---:|"]
+        md += [f"| {c['check']} | {c['error']:.3g} | {c['bound']:.3g} | {'yes' if c['passed'] else 'NO'} |"
+               for c in r["rows"]]
+    elif r["part"] == "attention":
+        md = [f"| attention ({r['unit']}) | B x T | segments | ours | SDPA flash | flash-attn | tune s |",
+              "|---|---|:---:|---:|---:|---:|---:|"]
+        cell = lambda x: " / ".join(rate(v) for v in x) if x else "n/a"   # noqa: E731
+        md += [f"| {a['stage']} | {a['B']} x {a['T']} | {'yes' if a['segments'] else 'no'} | {cell(a['ours'])} | "
+               f"{cell(a.get('sdpa_flash'))} | {cell(a.get('flash_attn'))} | {a['tune_s']:.1f} |" for a in r["rows"]]
+    elif r["part"] == "logprobs":
+        md = [f"| log-probs fwd+bwd, D={r['D']} V={r['V']} | method | ms | extra GiB | tune s |",
+              "|---|---|---:|---:|---:|"]
+        md += [f"| N={a['N']} | {a['method']} | {a['ms']:.1f} | {fmt(a['extra_gib'], '.2f')} | {a['tune_s']:.1f} |"
+               for a in r["rows"]]
+    elif r["part"] == "sft_step":
+        md = ["| 1-GPU SFT step | params | batch | tokens/s | MFU | first step s | step s | peak GiB (first step) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|",
+              f"| {r['gpu']} | {params(r['params'])} | {r['batch'][0]} x {r['batch'][1]} | "
+              f"{r['tokens_per_s']:.0f} | {pct(r['mfu'])} | {r['first_step_s']:.1f} | "
+              f"{r['step_s']:.3f} | {fmt(r['peak_gib'], '.1f')} ({fmt(r['first_step_peak_gib'], '.1f')}) |"]
+    else:
+        md = ["| stage | tokens/s | MFU | first step s | step s | peak GiB / plan | first step GiB / plan |",
+              "|---|---:|---:|---:|---:|---:|---:|",
+              f"| {r['part']} | {r['tokens_per_s']:.0f} | {pct(r['mfu'])} | "
+              f"{r['first_step_s']:.1f} | {r['step_s']:.2f} | {fmt(r['peak_gib'], '.1f')} / {r['plan_gib']:.1f} | "
+              f"{fmt(r['first_step_peak_gib'], '.1f')} / {r['plan_first_step_gib']:.1f} |"]
+    return md
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description="one part of bench.py gpu")
+    ap.add_argument("--part", choices=PARTS, required=True)
+    ap.add_argument("--work", required=True, help="the run's work directory (tokenizers, data, models)")
+    ap.add_argument("--rehearse", action="store_true")
+    a = ap.parse_args(argv)
+    run_part(a.part, a.rehearse, a.work)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -183,14 +183,17 @@ def bench_logprobs():
 # attention
 # ---------------------------------------------------------------------------------------------------
 
-def _tflops(fn, leaves, flops):
-    """Forward, backward and forward+backward TFLOP/s of fn() -> output, backward = 2.5x forward."""
-    import triton.testing
-    fwd = triton.testing.do_bench(fn)
+def _tflops(fn, leaves, flops, do_bench=None):
+    """Forward, backward and forward+backward TFLOP/s of fn() -> output, backward = 2.5x forward. do_bench(fn,
+    grad_to_none) -> ms: Triton's by default (CUDA)."""
+    if do_bench is None:
+        import triton.testing
+        do_bench = triton.testing.do_bench
+    fwd = do_bench(fn)
     out = fn()
     dout = torch.randn_like(out)
-    bwd = triton.testing.do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves)
-    both = triton.testing.do_bench(lambda: fn().backward(dout), grad_to_none=leaves)
+    bwd = do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves)
+    both = do_bench(lambda: fn().backward(dout), grad_to_none=leaves)
     return flops / fwd * 1e-9, 2.5 * flops / bwd * 1e-9, 3.5 * flops / both * 1e-9
 
 
@@ -331,7 +334,7 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
                                  variant="-", constexprs=lp, config=_config_dict(cfg)))
             jobs.append(dict(kernel="_softmax_grad_kernel", target=target, dtype=dtype, head_dim=None, variant="-",
                              constexprs=dict(WRITE_GRAD=True, **L._softmax_constexprs(tl_dtype)),
-                             config=dict(**L._SOFTMAX_BLOCKS, num_warps=8, num_stages=3)))
+                             config=dict(**L._SOFTMAX_BLOCKS, num_warps=L._SOFTMAX_WARPS, num_stages=3)))
             for site, (consts, types) in L._GEMM_SITES.items():              # the three GEMMs of a chunk
                 for cfg in L.mm_configs(site, TARGETS[target][0]):            # after the pruning
                     jobs.append(dict(kernel="_matmul_kernel", target=target, dtype=dtype, head_dim=None,
@@ -384,7 +387,7 @@ def compile_one(job):
     capability, limit = TARGETS[job["target"]]
     rec = dict(kernel=job["kernel"], target=job["target"], dtype=job["dtype"], head_dim=job["head_dim"],
                variant=job["variant"], config=job["config"], ok=False, pruned=False, shared_bytes=None,
-               registers=None, spill_bytes=None, pipelined=None)
+               registers=None, spill_bytes=None, pipelined=None, unfenced_loop_stores=None)
     log = io.StringIO()
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -402,8 +405,34 @@ def compile_one(job):
     rec.update(ok=True, shared_bytes=k.metadata.shared, pruned=k.metadata.shared > limit,
                registers=int(regs.group(1)) if regs else None,
                spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None,
-               pipelined="cp.async" in ptx)                                # cp.async.bulk (TMA) included
+               pipelined="cp.async" in ptx,                                # cp.async.bulk (TMA) included
+               unfenced_loop_stores=unfenced_loop_stores(ptx))
     return rec
+
+
+def unfenced_loop_stores(ptx):
+    """Global stores inside a loop of the PTX that follow a global load of the same loop body with no bar.sync
+    between them. Harmless when each thread rewrites only what it read, a race between the warps of a program
+    when the stores can land on bytes other warps have yet to load (the log-prob softmax-gradient pass writes
+    16-bit dz into the fp32 logits it reads: ../shared/GPU_AUDIT.md). A loop is the code from a label to a
+    later branch back to it."""
+    import re
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$L__BB\d+_\d+):", line))}
+    count = 0
+    for end, line in enumerate(lines):
+        m = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if not m or labels.get(m.group(1), end) >= end:
+            continue
+        loaded = False
+        for body in lines[labels[m.group(1)]:end]:
+            if "ld.global" in body:
+                loaded = True
+            elif re.search(r"\b(bar|barrier)\.sync", body):
+                loaded = False
+            elif "st.global" in body and loaded:
+                count += 1
+    return count
 
 
 def run_compile(jobs, workers=None):

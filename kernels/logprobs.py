@@ -33,10 +33,10 @@ by a tl.dot matmul kernel, turned into onehot - softmax in place by a row kernel
 matmuls (grad_weight accumulated in fp32 in place: no atomics).
 
 Paths, chosen at call time:
-  * CUDA tensors -> Triton kernels (below), autotuned for H100.
+  * CUDA tensors in bf16 or fp16 -> Triton kernels (below), autotuned for H100.
   * CPU tensors with TRITON_INTERPRET=1 in the environment *at call time* -> the same Triton kernels
-    run by the Triton interpreter (for tests).
-  * other CPU tensors -> the same chunked algorithm in plain torch.
+    run by the Triton interpreter (for tests and --rehearse_gpu).
+  * other CPU tensors, and fp32 on CUDA -> the same chunked algorithm in plain torch.
 
 How Triton 3.7 picks the interpreter: `@triton.jit` reads os.environ["TRITON_INTERPRET"] (through
 triton.knobs) when it *decorates* a function, and the interpreter cannot call a compiled JITFunction.
@@ -126,14 +126,15 @@ def _logprobs_fwd_kernel(
 def _softmax_grad_kernel(
     z_ptr, dz_ptr, t_ptr, logp_ptr, lse_ptr, ent_ptr,
     C, V, stride_z, stride_dz, ignore_index,
-    WRITE_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # On a chunk of materialized fp32 logits (C, V): the same online log-sum-exp as above, then a
     # second sweep that writes dlogp/dz = onehot(t) - softmax(z) to dz_ptr. Rows with an ignored
     # target get a harmless onehot at column 0: their gradient is scaled by 0 later. dz may be the
     # logits buffer itself (fp32) or a 16-bit view of it (row r at byte 4Vr, the first half of z's
-    # row r): a program owns whole rows and writes the bytes of columns it has already read, so the
-    # overlap is safe, and the GEMMs then read 16-bit operands (half the shared memory, no spills).
+    # row r), so that the GEMMs read 16-bit operands (half the shared memory, no spills) with no second
+    # (C, V) buffer. A program owns whole rows, so other programs never touch its bytes; within it, see
+    # the barrier below.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < C
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_z                            # (BLOCK_N, 1)
@@ -168,6 +169,18 @@ def _softmax_grad_kernel(
             z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0)
             p = tl.exp(z - lse[:, None])
             dz = tl.where(cols[None, :] == onehot_col[:, None], 1.0 - p, -p)
+            if ROUND_BF16:
+                # The interpreter casts fp32 to bf16 by truncation (up to 2^-7 relative, biased toward 0);
+                # the GPU rounds to nearest even (2^-8). Round here, by the bits, so that the cast is exact.
+                b = dz.to(tl.uint32, bitcast=True)
+                dz = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            # 16-bit dz column c lands on the bytes of logit c // 2, which another warp of this program may not
+            # have loaded yet (this tile when v0 = 0, an earlier one after): nothing orders the warps of one
+            # program but a barrier. With it, every warp has loaded tiles 0..v0 before any warp stores tile v0,
+            # whose bytes are logits [v0 / 2, (v0 + BLOCK_V) / 2), all in those tiles; later tiles' logits lie
+            # beyond them. (The interpreter runs a program at once and cannot show the race: the PTX does,
+            # tests/test_kernels_compile.py checks it there.)
+            tl.debug_barrier()
             tl.store(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :],
                      dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
@@ -244,8 +257,9 @@ _GEMM_SITES = {
 }
 
 
-def _softmax_constexprs(dot_dtype):
-    return {}
+def _softmax_constexprs(dz_dtype, interpret=False):
+    # ROUND_BF16: round dz to bf16 by hand where the cast would truncate (the interpreter).
+    return dict(ROUND_BF16=interpret and dz_dtype in (tl.bfloat16, torch.bfloat16))
 
 
 def _mm_key(M, N, K):
@@ -261,6 +275,7 @@ _INTERPRET_BLOCKS = {
     "mm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
 }
 _SOFTMAX_BLOCKS = dict(BLOCK_N=4, BLOCK_V=1024)     # memory bound; no tuning needed
+_SOFTMAX_WARPS = 8
 _SOFTMAX_BLOCKS_INTERPRET = dict(BLOCK_N=16, BLOCK_V=128)
 
 
@@ -269,12 +284,16 @@ def _kernels(interpret):
     # `interpret` must equal triton.knobs.runtime.interpret at the time of the call, because that is
     # what triton.jit reads here to choose between the interpreter and the compiler.
     fwd, softmax_grad, mm = (triton.jit(f) for f in (_logprobs_fwd_kernel, _softmax_grad_kernel, _matmul_kernel))
+    mm = {False: mm, True: mm}                      # by ACCUMULATE
     if not interpret:
         fwd = triton.autotune(list(_FWD_CONFIGS.values()), key=["V", "D"],
                               prune_configs_by={"early_config_prune": _prune_fwd})(fwd)
-        # restore_value: tuning runs the kernel several times, which must not accumulate into c.
-        mm = triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
-                             restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune_mm})(mm)
+        # Two tuners of one kernel. Accumulating into c, tuning's trial runs must not add up: restore_value keeps
+        # a copy of c (the LM head's fp32 gradient, V x D: memplan counts it). Writing c, they need no copy (a
+        # copy of the 512 MiB logits chunk otherwise).
+        mm = {acc: triton.autotune(list(_MM_CONFIGS.values()), key=["M_KEY", "N_KEY", "K_KEY"],
+                                   restore_value=["c_ptr"] if acc else None,
+                                   prune_configs_by={"early_config_prune": _prune_mm})(mm[acc]) for acc in mm}
     return fwd, softmax_grad, mm
 
 
@@ -282,8 +301,10 @@ def _interpreting():
     return triton.knobs.runtime.interpret
 
 
-def _uses_triton(device):
-    return device.type == "cuda" or _interpreting()
+def _uses_triton(device, dtype):
+    # fp32 on CUDA takes the torch path: the kernels' configurations spill in fp32 on sm_90 and sm_80
+    # (README, "fp32 on CUDA"), and fp32 is the accuracy path, where torch.mm's fp32 GEMMs do.
+    return (device.type == "cuda" and dtype != torch.float32) or _interpreting()
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -330,9 +351,16 @@ def _triton_forward(hidden, weight, targets, ignore_index, splits=None):
 
 
 def _dz_dtype(dtype):
-    # dz in the GEMMs' operand dtype: 16-bit on GPU for 16-bit models (the GEMM rounded it there
-    # anyway), fp32 for fp32 models and in the interpreter (whose dots are fp32).
-    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(_dot_args(dtype)[0], torch.float32)
+    # dz in the model's dtype: 16-bit for 16-bit models (the GPU's GEMM rounds its operands to it anyway),
+    # fp32 for fp32 models. The interpreter does the same (its dots upcast the 16-bit dz exactly), so that
+    # it runs the GPU's storage path and rounding (--rehearse_gpu, the bf16 tests).
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _dz_buffer(z, dz_dtype):
+    # Where the softmax-gradient pass writes dz: over the logits chunk z (C, V) itself, fp32 or a 16-bit view
+    # (row stride 2V). No second (C, V) buffer; the kernel's barrier makes the overlap safe.
+    return z if dz_dtype == torch.float32 else z.view(dz_dtype)[:, :z.shape[1]]
 
 
 def _triton_softmax_grad_(z, targets, ignore_index, write_grad, dz_dtype=torch.float32):
@@ -340,13 +368,14 @@ def _triton_softmax_grad_(z, targets, ignore_index, write_grad, dz_dtype=torch.f
     returned as z itself (fp32) or as a (C, V) 16-bit view into z's storage (row stride 2V)."""
     C, V = z.shape
     logp, lse, ent = (torch.empty(C, device=z.device, dtype=torch.float32) for _ in range(3))
-    dz = z if dz_dtype == torch.float32 else z.view(dz_dtype)[:, :V]
+    dz = _dz_buffer(z, dz_dtype)
     interpret = _interpreting()
     _, softmax_grad, _ = _kernels(interpret)
     blocks = _SOFTMAX_BLOCKS_INTERPRET if interpret else _SOFTMAX_BLOCKS
     grid = (triton.cdiv(C, blocks["BLOCK_N"]),)
     softmax_grad[grid](z, dz, targets, logp, lse, ent, C, V, z.stride(0), dz.stride(0), ignore_index,
-                       WRITE_GRAD=write_grad, **blocks, **({} if interpret else dict(num_warps=8)))
+                       WRITE_GRAD=write_grad, **_softmax_constexprs(dz.dtype, interpret), **blocks,
+                       **({} if interpret else dict(num_warps=_SOFTMAX_WARPS)))
     return (logp, lse, ent), dz
 
 
@@ -361,7 +390,7 @@ def _triton_matmul(a, b, dtype, out=None):
     _, _, mm = _kernels(interpret)
     dot_dtype, precision = _dot_args(dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-    mm[grid](a, b, out, M, N, K, *_mm_key(M, N, K),
+    mm[accumulate][grid](a, b, out, M, N, K, *_mm_key(M, N, K),
              a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
              ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, PRECISION=precision,
              **(_INTERPRET_BLOCKS["mm"] if interpret else {}))
@@ -404,14 +433,14 @@ def _sweep(hidden, weight, targets, ignore_index, chunk, *,
         grad_w    += z.T @ (grad_w_scale[c, None] * hidden[c])    fp32 accumulator
     The scales must be 0 on rows with an ignored target. Returns (logp, lse, entropy) if stats."""
     N = hidden.shape[0]
-    use_triton = _uses_triton(hidden.device)
+    use_triton = _uses_triton(hidden.device, hidden.dtype)
     w32 = weight if use_triton else weight.float()     # CPU: one fp32 copy of a bf16 head, reused by all chunks
     write_grad = grad_h is not None or grad_w is not None
     out = [torch.zeros(N, device=hidden.device, dtype=torch.float32) for _ in range(3)] if stats else None
     if not use_triton:
         # One logits buffer for all chunks: a fresh 32 MiB block per chunk fragments glibc's heap
         # (measured: up to twice the chunk in extra peak RSS). The CUDA caching allocator needs no help.
-        z_buf = torch.empty(min(chunk, N), weight.shape[0], dtype=torch.float32)
+        z_buf = torch.empty(min(chunk, N), weight.shape[0], dtype=torch.float32, device=hidden.device)
 
     for r0 in range(0, N, chunk):
         rows = slice(r0, min(r0 + chunk, N))
@@ -472,7 +501,7 @@ class _TokenLogprobs(torch.autograd.Function):
                                     want_entropy=want_entropy, grad_h=grad_h, grad_h_scale=valid,
                                     grad_w=grad_w, grad_w_scale=e)
             ctx.precomputed = (grad_h, grad_w, e)
-        elif _uses_triton(hidden.device):
+        elif _uses_triton(hidden.device, hidden.dtype):
             logp, lse, ent = _triton_forward(hidden, weight, targets, ignore_index)
             ctx.precomputed = None
         else:

@@ -239,12 +239,12 @@ def test_segment_bounds_match_brute_force():
 
 
 def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
-    # model.py's mask choice on the CUDA path (x only needs .is_cuda, .shape and .device here).
+    # model.py's mask choice on the CUDA path (x only needs .is_cuda, .dtype, .shape and .device here).
     import types
     import model
     monkeypatch.setattr(model, "_flash_attention", lambda: "flash")
     this = types.SimpleNamespace(config=model.config_from_preset("tiny"))
-    x = types.SimpleNamespace(is_cuda=True, shape=(2, 6, 128), device=torch.device("cpu"))
+    x = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(2, 6, 128), device=torch.device("cpu"))
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     packed = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1]])
@@ -424,7 +424,7 @@ def test_bad_input_raises_naming_the_argument(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp32 on CUDA is refused (below)
 @pytest.mark.parametrize("W,lengths", [(None, None), (100, None), (None, [(300, 5, 207)]), (64, [(250, 262)])])
 def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths):
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -443,3 +443,12 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
         tol = magnitude * (2.0 ** -6 if dtype == torch.bfloat16 else 1e-5)
         err = (got.float() - want).abs().max().item()
         assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp32_on_cuda_is_refused_naming_the_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = _load_attention(interpret=False)
+    q, k, v = (x.cuda() for x in random_qkv(1, 4, 2, 64, 64, torch.float32))
+    with pytest.raises(ValueError, match="float32 on CUDA is not on the Triton kernels' path"):
+        compiled.flash_attention(q, k, v)

@@ -11,8 +11,9 @@ targets, bf16, head_dim 64 and 128, the plain causal variant and the heaviest se
 import os
 
 import pytest
+import torch
 
-from kernels import bench
+from kernels import bench, logprobs
 
 SUBSET = dict(targets=("sm_90", "sm_80"), dtypes=("bf16",), head_dims=(64, 128),
               variants=("causal", "causal+window+segments"))
@@ -70,3 +71,32 @@ def test_segment_variant_is_pipelined_like_plain_causal(records):
     assert len(pairs) >= 24
     for kernel, target, hd, _, cfg in pairs:
         assert (kernel, target, hd, "causal", cfg) in by_key
+
+
+def test_softmax_grad_writes_dz_over_the_logits_only_behind_a_barrier(records):
+    # The GPU launch writes the 16-bit dz into the storage of the fp32 logits it is reading: dz column c
+    # overwrites bytes of logit c // 2. Warps of one program run unordered, so each store must wait, at a
+    # bar.sync, for every warp's loads of the loop iteration (before the fix: 4 ld.global.v4, then 2
+    # st.global.v4, no barrier between them, on sm_90).
+    z = torch.zeros(3, 10)
+    dz = logprobs._dz_buffer(z, logprobs._dz_dtype(torch.bfloat16))       # what the bf16 launch passes
+    shares = dz.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+    rs = [r for r in records if r["kernel"] == "_softmax_grad_kernel"]
+    assert {r["target"] for r in rs} == {"sm_90", "sm_80"} and all(r["ok"] for r in rs)
+    if shares:
+        assert [r["unfenced_loop_stores"] for r in rs] == [0] * len(rs)
+
+
+def test_no_kernel_stores_after_loads_in_a_loop_without_a_barrier(records):
+    # Every kernel of kernels/ read for the pattern of the softmax race: none writes, inside a loop, after
+    # loading in that loop with no barrier between (the others store once, after their loops).
+    unfenced = [f"{_name(r)}: {r['unfenced_loop_stores']}" for r in records if r["ok"] and r["unfenced_loop_stores"]]
+    assert not unfenced, "\n".join(unfenced)
+
+
+def test_the_ptx_check_finds_stores_racing_loads_in_a_loop():
+    # The check itself, on PTX shaped like the softmax-gradient loop before and after the fix.
+    loop = "$L__BB0_9:\n\tld.global.v4.b32 {%r1}, [%rd1];\n{}\tst.global.v4.b32 [%rd2], {%r2};\n\t@%p1 bra \t$L__BB0_9;\n"
+    assert bench.unfenced_loop_stores(loop.replace("{}", "")) == 1
+    assert bench.unfenced_loop_stores(loop.replace("{}", "\tbar.sync \t0;\n")) == 0
+    assert bench.unfenced_loop_stores(loop.replace("{}", "").replace("bra \t$L__BB0_9", "bra \t$L__BB0_10")) == 0

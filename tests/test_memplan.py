@@ -82,6 +82,35 @@ def test_dpo_live_reference_and_lora():
     assert 16 * GIB < lora["peak"] < 24 * 0.9 * GIB               # a 24 GB card at micro batch 1
 
 
+def test_a_step_that_autotunes_adds_the_flush_buffer_and_the_restored_gradient_accumulator():
+    # The first step on CUDA: each Triton trial run beside the 256 MiB flush buffer; the LM head's accumulating
+    # GEMM also beside a copy of its fp32 accumulator. For sft_public both land after the head: the flush buffer
+    # on the backward of the last layer (attention's backward tunes there), the copy in the head.
+    mcfg = config_from_preset("mistral-7b")
+    p = memplan.plan(mcfg, Train(), 8, "cuda", "sft")
+    items = {name: b for _, name, b in p["items"]}
+    assert items["Triton's benchmark flush buffer (a step that autotunes)"] == 256 * 2**20
+    assert items["LM head gradient copy, restored by its GEMM's tuning"] == 4 * 32000 * 4096
+    assert p["first_step_moment"] == p["moment"] == "backward of the last layer"
+    assert p["first_step_peak"] == p["peak"] + 256 * 2**20
+    # Where each lands, moment by moment: the copy in the head (SFT: its forward, one pass; DPO: its backward),
+    # the flush buffer wherever a kernel runs (not in the root group's reduce-scatter).
+    for stage, head in (("sft", "end of forward (head)"), ("dpo", "head backward")):
+        q = memplan.plan(mcfg, Train(micro_batch_size=1, seq_len=256), 1, "cuda", stage)
+        extra = {m: (0 if m.startswith("end of backward") else 256 * 2**20) + (4 * 32000 * 4096 if m == head else 0)
+                 for m in q["moments"]}
+        assert q["first_step_peak"] == q["persistent"] + max(b + extra[m] for m, b in q["moments"].items())
+    frozen = memplan.plan(mcfg, LoRA(micro_batch_size=1), 1, "cuda", "sft")    # no head gradient to restore
+    assert frozen["first_step_peak"] == frozen["peak"] + 256 * 2**20
+    for cpu in (memplan.plan(mcfg, Train(), 8, "cpu", "sft"), memplan.plan(mcfg, Train(mixed_precision=False), 8,
+                                                                          "cuda", "sft")):
+        assert cpu["first_step_peak"] == cpu["peak"]                 # no Triton kernels: fp32 on CUDA, or CPU
+    # check() holds the first step's peak against the device.
+    with pytest.raises(MemoryError, match="first step"):
+        memplan.check(p, p["first_step_peak"] / 0.9 - 1, mcfg, Train())
+    memplan.check(p, p["first_step_peak"] / 0.9 + 1, mcfg, Train())
+
+
 @dataclasses.dataclass
 class LoRA(Train):
     lora_rank: int = 16
