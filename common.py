@@ -31,7 +31,7 @@ import lora
 from checkpoints import list_checkpoints, load_train_checkpoint, save_train_checkpoint
 from files import atomic_open, write_json
 from model import Mistral, MistralConfig, config_from_preset
-from weights import CheckpointReader, save_checkpoint
+from weights import CheckpointReader, local_rows, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config: dataclass defaults <- optional JSON preset <- --key=value flags
@@ -241,13 +241,6 @@ def checkpoint_layer(layer):
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     layer.forward = checkpointed
-
-
-def local_rows(p):
-    # (start, stop) of dim 0 that this rank holds of a Shard(0) DTensor.
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return offset[0], offset[0] + shape[0]
 
 
 @torch.no_grad()
@@ -485,7 +478,15 @@ def finish(model, mcfg, cfg, d, tokenizer):
         write_json(os.path.join(hf_dir, "train_config.json"), dataclasses.asdict(cfg))
         print(f"exported {hf_dir}")
     if adapter:
-        lora.export_adapter(model, mcfg, cfg, d, tokenizer, adapter)
+        # Beside the merged model, the adapter in PEFT's format, whose base is init_from; a run from "scratch" has
+        # no base on disk, so its frozen random base is exported too (out_dir/base).
+        base = cfg.init_from
+        if base == "scratch":
+            base = os.path.join(cfg.out_dir, "base")
+            export_hf(model, mcfg, base, d, tokenizer, getattr(torch, cfg.export_dtype), merge=False)
+        if d.main:
+            lora.save_adapter(os.path.join(cfg.out_dir, "adapter"), adapter, lora.settings(cfg), base)
+            print(f"exported {cfg.out_dir}/adapter (PEFT LoRA adapter of {base})")
     shutdown()
 
 

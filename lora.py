@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weights import local_rows
+
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT's name for a causal LM wrapped by PeftModelForCausalLM
 
@@ -150,7 +152,6 @@ def init_adapters(model, s, seed):
             full = torch.empty(p.shape).uniform_(-bound, bound, generator=g)
         local = p.to_local() if isinstance(p, DTensor) else p
         if isinstance(p, DTensor):
-            from common import local_rows
             start, stop = local_rows(p)
             full = full[start:stop]
         local.copy_(full.to(local.dtype))
@@ -194,19 +195,6 @@ def merged(model, named_tensors, adapter, merge=True):
                 held = None
         else:
             yield name, t
-
-
-def export_adapter(model, mcfg, cfg, d, tokenizer, adapter):
-    """Beside a stage's merged export (out_dir/hf): the adapter in PEFT's format (out_dir/adapter). Its base is
-    init_from; a run from "scratch" has none on disk, so its frozen random base is exported too (out_dir/base)."""
-    from common import export_hf
-    base = cfg.init_from
-    if base == "scratch":
-        base = os.path.join(cfg.out_dir, "base")
-        export_hf(model, mcfg, base, d, tokenizer, getattr(torch, cfg.export_dtype), merge=False)
-    if d.main:
-        save_adapter(os.path.join(cfg.out_dir, "adapter"), adapter, settings(cfg), base)
-        print(f"exported {cfg.out_dir}/adapter (PEFT LoRA adapter of {base})")
 
 
 def save_adapter(path, adapter, s, base_model):

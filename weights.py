@@ -107,6 +107,13 @@ def _safetensors_size(fn):
         return None
 
 
+def local_rows(p):
+    """(start, stop) of dim 0 that this rank holds of a Shard(0) DTensor: the rows to read for it."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], offset[0] + shape[0]
+
+
 def save_checkpoint(path, cfg, named_tensors, tokenizer=None, max_shard_bytes=5 * 10**9):
     """Write an HF-format directory from an iterable of (name, tensor), streaming: a shard is written as
     soon as it is full, so a caller gathering an FSDP model tensor by tensor never holds the whole model.
