@@ -176,25 +176,37 @@ def check_prefix_layout(segment_ids, branch_ids):
 
 
 def segmented_attention(q, k, v, sliding_window, segment_ids, branch_ids, scale):
-    """The CPU path of prompt-shared rows: SDPA segment by segment, each with its own (L, L) mask cut from the
-    convention, since no token sees across segments. Costs sum(L^2) per row instead of T^2, and no (T, T) mask."""
+    """The CPU path of prompt-shared rows, segment by segment since no token sees across segments, each in two
+    SDPA calls: the prefix and branch 1 as one causal sequence (SDPA's own causal path, no mask tensor), then
+    branch 2's queries against the prefix's keys and its own (a lower-right causal mask, (n2, n0 + n2)). Costs
+    about (n0 + n1)^2 / 2 + n2 (n0 + n2) per pair where one masked (T, T) pass costs T^2 per row."""
     B, H, T, D = q.shape
     gqa = H != k.shape[1]
+
+    def sdpa(qs, ks, vs, mask=None):
+        causal = mask is None and (sliding_window is None or qs.shape[2] <= sliding_window)
+        if mask is None and not causal:  # a first part longer than the window: its dense (L, L) window mask
+            mask = attention_mask(qs.shape[2], sliding_window, device=qs.device)
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=gqa)
+
     rows = []
     for b in range(B):
         starts = _changes(segment_ids[b:b + 1])[0].nonzero().squeeze(1).tolist() + [T]
+        counts = [(branch_ids[b] == x).long().cumsum(0) for x in (0, 1)]
         parts = []
         for lo, hi in zip(starts[:-1], starts[1:]):
-            seg, br = segment_ids[b:b + 1, lo:hi], branch_ids[b:b + 1, lo:hi]
-            if bool((br == 0).all()):  # a segment without branches (the padding tail): plain causal
-                mask, causal = None, sliding_window is None or hi - lo <= sliding_window
-                if not causal:
-                    mask = attention_mask(hi - lo, sliding_window, device=q.device)
-            else:
-                mask, causal = attention_mask(hi - lo, sliding_window, seg, branch_ids=br), False
-            parts.append(F.scaled_dot_product_attention(q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi],
-                                                        v[b:b + 1, :, lo:hi], attn_mask=mask, is_causal=causal,
-                                                        scale=scale, enable_gqa=gqa))
+            n0, n1 = (int(c[hi - 1]) - (int(c[lo - 1]) if lo else 0) for c in counts)
+            mid = lo + n0 + n1  # branch 2 starts here
+            parts.append(sdpa(q[b:b + 1, :, lo:mid], k[b:b + 1, :, lo:mid], v[b:b + 1, :, lo:mid]))
+            if mid < hi:
+                keys = [torch.cat([x[b:b + 1, :, lo:lo + n0], x[b:b + 1, :, mid:hi]], dim=2) for x in (k, v)]
+                i = n0 + torch.arange(hi - mid, device=q.device)[:, None]  # the queries' logical positions
+                j = torch.arange(n0 + hi - mid, device=q.device)[None, :]  # the keys'
+                mask = j <= i
+                if sliding_window is not None:
+                    mask = mask & (i - j < sliding_window)
+                parts.append(sdpa(q[b:b + 1, :, mid:hi], *keys, mask))
         rows.append(torch.cat(parts, dim=2))
     return torch.cat(rows, dim=0)
 
