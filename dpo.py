@@ -158,21 +158,23 @@ class Layout:
 def pack_step(pairs, packing, world, rows_per_micro):
     """The pairs of one optimizer step (or one evaluation round) -> this and every rank's micro-steps:
     plan[rank] = [(rows, real), ...], a row a list of pairs. Best-fit decreasing into rows of at most
-    pack_length; then, while the ranks cannot get as many rows each, the row with the most pairs gives one to a
-    row of its own; the rows go to the ranks longest first in turn, and each rank's into the same number of
-    micro-steps of at most rows_per_micro rows. Every rank runs as many forward passes (FSDP's collectives):
-    one short of rows repeats another's first micro-step with real=False (only rounds of fewer pairs than
-    ranks, never a training step)."""
+    pack_length; the rows go to the ranks longest first in turn, and each rank's into as many micro-steps as the
+    fullest rank needs (at most rows_per_micro rows each, rows of like length together), since every rank runs
+    as many forward passes (FSDP's collectives). While a rank would have fewer rows than micro-steps, the row
+    with the most pairs gives one to a row of its own; a rank still short (a round of fewer pairs than ranks,
+    never a training step) repeats another's first micro-step with real=False."""
     pairs = list(pairs)
     sizes = packing.lengths[pairs]
     longest_first = np.argsort(-sizes, kind="stable")  # ties in the step's order
     rows = [[pairs[k] for k in row] for row in common.best_fit(sizes, packing.pack_length, longest_first)]
-    while len(rows) % world and len(rows) < len(pairs):
-        donor = max(range(len(rows)), key=lambda r: (len(rows[r]), -r))
+    while True:
+        rows.sort(key=lambda row: -int(packing.lengths[row].sum()))
+        per_rank = [rows[r::world] for r in range(world)]
+        steps = -(-len(per_rank[0]) // rows_per_micro)
+        if len(per_rank[-1]) >= steps or len(rows) == len(pairs):
+            break
+        donor = max(range(len(rows)), key=lambda r: len(rows[r]))
         rows.append([rows[donor].pop()])
-    rows.sort(key=lambda row: -int(packing.lengths[row].sum()))
-    per_rank = [rows[r::world] for r in range(world)]
-    steps = -(-max(len(r) for r in per_rank) // rows_per_micro)
     plan = []
     for mine in per_rank:
         cuts = np.linspace(0, len(mine), steps + 1).round().astype(int)
