@@ -353,8 +353,10 @@ def report_dpo_packed_positions(workdir, weights, targets):
     print("\ndpo.py --packing=true against --packing=false (bench model, 64 pairs of this text, 3 steps of 16):")
     r = dpo_runs_agree(weights, workdir)
     worst = max(r["diffs"], key=r["diffs"].get)
-    print(f"largest relative difference over {r['steps']} steps and {len(r['diffs'])} logged metrics: "
-          f"{r['diffs'][worst]:.2e} ({worst}); reference caches: train {r['caches']['train']:.2e}, test "
+    print(f"losses per step, packed {r['losses']['true']}, padded {r['losses']['false']}")
+    print(f"largest difference over {r['steps']} steps and {len(r['diffs'])} logged metrics, relative to the metric's "
+          f"largest value: {r['diffs'][worst]:.2e} ({worst}); accuracies that differ (step, metric): "
+          f"{r['accuracies'] or 'none'}; reference caches, relative: train {r['caches']['train']:.2e}, test "
           f"{r['caches']['test']:.2e}")
     print(f"tokens per step {r['tokens']}; positions packed {r['positions']['true']} / padded "
           f"{r['positions']['false']}; fill {[round(f, 3) for f in r['fill']['true']]} / "

@@ -361,8 +361,10 @@ def positions_table(workdir):
 
 def dpo_runs_agree(weights, workdir, steps=3):
     """dpo.py --packing=true and --packing=false on the same UltraFeedback-shaped text (64 train / 16 test pairs,
-    steps of 16 pairs, micro batch 4, reference precomputed): the largest relative differences of the per-step
-    losses and metrics, of the evaluation metrics and of the reference caches; each run's positions and fill."""
+    steps of 16 pairs, micro batch 4, reference precomputed): per logged metric the largest difference over the
+    steps relative to the metric's largest value in the run (at step 1 the policy is the reference: rewards and
+    margins are rounding noise around 0, and relative to themselves meaningless); the steps whose accuracies
+    differ; the reference caches' largest relative difference; each run's losses, positions and fill."""
     import glob
     import json
     import subprocess
@@ -383,16 +385,19 @@ def dpo_runs_agree(weights, workdir, steps=3):
         with open(os.path.join(out, "metrics.jsonl")) as f:
             runs[packing] = [json.loads(line) for line in f]
 
-    def rel(a, b):
-        return abs(a - b) / max(abs(b), 1e-12)
-
     packed, padded = runs["true"], runs["false"]
-    keys = [k for k in padded[-1] if k.startswith(("loss", "rewards/", "logps/", "grad_norm", "eval_"))]
-    diffs = {k: max(rel(x[k], y[k]) for x, y in zip(packed, padded) if k in y) for k in keys}
+    keys = [k for k in padded[-1] if k.startswith(("loss", "rewards/", "logps/", "grad_norm", "eval_"))
+            and "accuracies" not in k]
+    diffs = {}
+    for k in keys:
+        scale = max(abs(y[k]) for y in padded if k in y)
+        diffs[k] = max(abs(x[k] - y[k]) for x, y in zip(packed, padded) if k in y) / max(scale, 1e-12)
+    accuracies = [(y["step"], k) for x, y in zip(packed, padded) for k in y if "accuracies" in k and x[k] != y[k]]
     caches = {}
     for split in ("train", "test"):
         a, b = (np.load(c) for c in sorted(glob.glob(os.path.join(data, f"{split}.ref_logps.*.npy"))))
         caches[split] = float(np.max(np.abs(a - b) / np.abs(b)))
-    return dict(diffs=diffs, caches=caches, steps=len(padded),
+    return dict(diffs=diffs, caches=caches, steps=len(padded), accuracies=accuracies,
+                losses={k: [m["loss"] for m in runs[k]] for k in runs},
                 positions={k: [m["positions"] for m in runs[k]] for k in runs},
                 tokens=[m["tokens"] for m in padded], fill={k: [m["fill"] for m in runs[k]] for k in runs})
