@@ -364,10 +364,12 @@ class Mistral(nn.Module):
         # Decide, once per forward, how every layer masks attention.
         cfg, B, dev = self.config, x.shape[0], x.device
         if branch_ids is not None:
-            # Prompt-shared segments (kernels/masks.py): the Triton kernels' prefix variant on CUDA, segment by
-            # segment SDPA on CPU (both in flash_attention); the dense mask where kernels/ cannot be imported.
+            # Prompt-shared segments (kernels/masks.py): the Triton kernels' prefix variant on CUDA in 16-bit, two SDPA
+            # calls per pair on CPU (both in flash_attention); the dense mask otherwise (fp32 on CUDA, whose kernel
+            # configurations are tuned for 16-bit, other head dims, or kernels/ not importable).
             flash = _flash_attention()
-            if flash is not None and (not x.is_cuda or cfg.head_dim in (16, 32, 64, 128)):
+            on_kernels = cfg.head_dim in (16, 32, 64, 128) and x.dtype != torch.float32
+            if flash is not None and (not x.is_cuda or on_kernels):
                 return Mask("flash", segment_ids=segment_ids, flash=flash, branch_ids=branch_ids)
             from kernels.masks import attention_mask as shared_prefix_mask
             return Mask("dense", dense=shared_prefix_mask(T, cfg.sliding_window, segment_ids, branch_ids=branch_ids))

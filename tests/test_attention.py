@@ -399,6 +399,25 @@ def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
     assert mask.segment_ids.tolist() == [[0, 0, 1, 1, -1, -1], [0, 0, 0, 1, 1, 1]]
 
 
+def test_model_gives_prompt_shared_rows_the_prefix_kernel_in_16_bit_and_sdpa_otherwise(monkeypatch):
+    # model.py's mask choice with branch_ids (packed DPO): the Triton kernels on CUDA in bf16, the dense convention
+    # (SDPA) for fp32 on CUDA, flash_attention's two-calls-per-pair path on CPU.
+    import types
+    import model
+    monkeypatch.setattr(model, "_flash_attention", lambda: "flash")
+    this = types.SimpleNamespace(config=model.config_from_preset("tiny"))
+    seg, branch = prefix_layout([(2, 2, 2)], T=8)
+    for is_cuda, dtype, kind in ((True, torch.bfloat16, "flash"), (True, torch.float32, "dense"),
+                                 (False, torch.float32, "flash")):
+        x = types.SimpleNamespace(is_cuda=is_cuda, shape=(1, 8, 128), device=torch.device("cpu"), dtype=dtype)
+        mask = model.Mistral._mask(this, x, 8, None, seg, None, branch)
+        assert mask.kind == kind
+        if kind == "flash":
+            assert mask.branch_ids is branch and mask.segment_ids is seg
+        else:
+            assert torch.equal(mask.dense, attn.attention_mask(8, 256, seg, branch_ids=branch))
+
+
 @pytest.mark.parametrize("lengths", [None, [(10, 23), (33,)]])
 def test_non_causal_matches_reference(lengths):
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 33, 32, torch.float32))
@@ -605,7 +624,7 @@ def test_compiled_kernels_match_reference_on_gpu(monkeypatch, dtype, W, lengths)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # 16-bit: what training runs on the kernels
 @pytest.mark.parametrize("W", [None, 100, 4096])
 def test_compiled_prefix_variant_matches_reference_on_gpu(monkeypatch, dtype, W):
     # DPO rows at training shapes: pairs of odd lengths, one longer than W=100, a padding tail; tolerance as above.
