@@ -1,7 +1,7 @@
 """End-to-end benchmarks: our stages against transformers and TRL on the same model, weights, shapes, seeds
 and dtype, in one run. Prints tables of medians and ratios (results: BENCHMARKS.md).
 
-    python bench.py [sft sft_chat dpo dpo_mem generate checkpoint gpu ...] [--reps 3] [--json results.json]
+    python bench.py [sft sft_chat dpo dpo_mem dpo_packed generate checkpoint gpu ...] [--reps 3] [--json results.json]
     python bench.py gpu [--budget_s=480] [--out_dir=out/bench_gpu]    # on a GPU: benchmarks/gpu.py
     python bench.py gpu --rehearse --out_dir=D                         # its orchestration on CPU (CI)
 
@@ -57,7 +57,8 @@ import torch  # noqa: E402
 
 # One file per workload under benchmarks/; the measurement helpers in benchmarks/harness.py.
 from benchmarks.checkpoint import CKPT, case_checkpoint  # noqa: E402
-from benchmarks.dpo import DPO, DPO_MEM, case_dpo  # noqa: E402
+from benchmarks.dpo import (DPO, DPO_MEM, DPO_PACKED, case_dpo, case_dpo_packed, dpo_runs_agree,  # noqa: E402
+                            positions_table)
 from benchmarks.generate import GEN, case_generate  # noqa: E402
 from benchmarks.gpu import run_gpu  # noqa: E402
 from benchmarks.harness import BENCH_MODEL, MIB, SEED, fmt, set_threads, spawn  # noqa: E402
@@ -69,7 +70,7 @@ QUIET = 0.25          # a step during which other processes used less than this 
 PEERS_HINT = "pip install trl==1.16.0 accelerate==1.15.0 datasets==5.2.0"
 
 CASES = {"sft": case_sft, "sft_chat": lambda impl, w: case_sft(impl, w, chat=True), "dpo": lambda impl, w: case_dpo(impl, w, DPO),
-         "dpo_mem": lambda impl, w: case_dpo(impl, w, DPO_MEM), "generate": case_generate,
+         "dpo_mem": lambda impl, w: case_dpo(impl, w, DPO_MEM), "dpo_packed": case_dpo_packed, "generate": case_generate,
          "checkpoint": case_checkpoint}
 
 
@@ -106,6 +107,9 @@ IMPLS = {
             ("trl", "TRL DPOTrainer, live reference, its defaults (grad. ckpt on)", TRL + ["mistral_common"]),
             ("trl-nockpt", "TRL DPOTrainer, live reference, gradient_checkpointing=False",
              TRL + ["mistral_common"])],
+    "dpo_packed": [("ours-packed", "dpo.py step, packed prompt-shared rows (--packing=true)", []),
+                   ("ours", "dpo.py step, padded rows (--packing=false)", []),
+                   ("trl", "TRL DPOTrainer, live reference, its defaults (grad. ckpt on)", TRL + ["mistral_common"])],
     "dpo_mem": [("ours", "dpo.py step, fused log-probs, reference precomputed", []),
                 ("ours-logits", "our model, full (B,T,V) logits, reference precomputed", []),
                 ("hf-precomputed", "transformers, full logits, reference precomputed", ["transformers"])],
@@ -114,7 +118,7 @@ IMPLS = {
     "checkpoint": [("ours", "Mistral.save_pretrained + from_pretrained", []),
                    ("hf", "transformers save_pretrained + from_pretrained", ["transformers"])],
 }
-WORKLOADS = ["sft", "sft_chat", "dpo", "dpo_mem", "generate", "checkpoint", "gpu"]
+WORKLOADS = ["sft", "sft_chat", "dpo", "dpo_mem", "dpo_packed", "generate", "checkpoint", "gpu"]
 
 
 def measure(workload, weights, reps, quiet_wait):
@@ -279,6 +283,8 @@ def report(workload, s, targets):
                 for key, what in (("extra", "step extra"), ("peak", "peak RSS")):
                     m = mem(s, "ours", peer, key)
                     targets.append((f"DPO@1024 {what}, ours / {peer}", "<= 0.5x", fmt(m), m is not None and m <= 0.5))
+    elif workload == "dpo_packed":
+        report_dpo_packed(s, targets)
     elif workload == "generate":
         print_table(f"Generation: batch {GEN['batch']}, {GEN['prompt']}-token prompts, exactly {GEN['new']} new "
                     f"tokens, sampling (temperature 1), KV cache, fp32; {GEN['warmup']} warm-up + {GEN['steps']} "
@@ -296,6 +302,67 @@ def report(workload, s, targets):
                      ("save + load", ms), ("min-max ms", spread), ("speed ours / this", faster)])
         x, txt = both(s, "ours", "hf")
         targets.append(("checkpoint save + load, speed ours / hf", "(none)", txt, None))
+
+
+def report_dpo_packed(s, targets):
+    n = DPO_PACKED["pairs"]
+    per_pair = lambda i, r: f"{1e3 * r['median'] / n:.0f} ms"                                 # noqa: E731
+    positions = lambda i, r: (f"{statistics.mean(p for x in r['raw'] for p in x['positions']) / n:.0f}"  # noqa: E731
+                              if "positions" in r["raw"][0] else "-")
+    print_table(f"DPO step on UltraFeedback-shaped pairs (long tails): {n} pairs per step in micro-steps of "
+                f"{DPO_PACKED['micro']} pairs or {DPO_PACKED['micro']} packed rows, sigmoid, beta 0.1, fwd + bwd + clip + "
+                f"AdamW, fp32; {DPO_PACKED['warmup']} warm-up + {DPO_PACKED['steps']} timed steps per rep", s,
+                [("step (median)", lambda i, r: f"{1e3 * r['median']:.0f} ms"), ("per pair", per_pair),
+                 ("min-max ms", lambda i, r: f"{1e3 * r['min']:.0f}-{1e3 * r['max']:.0f}"),
+                 ("positions / pair", positions), ("peak RSS MiB", lambda i, r: f"{r['peak'] / MIB:.0f}"),
+                 ("step extra MiB", lambda i, r: f"{r['extra'] / MIB:.0f}"),
+                 ("padded time / this", lambda i, r: fmt(speed(s, i, "ours")))])
+    if "trl" in s:
+        raw = s["trl"]["raw"][0]
+        print(f"TRL tokenized {raw['trl_tokens']} tokens of these pairs where prepare.py has {raw['our_tokens']} "
+              "(each prompt counted once)")
+    if "ours" in s and "ours-packed" in s:
+        # Paired by repetition (both ran back to back): median step time of the padded run / the packed run.
+        reps = [statistics.median(a["times"]) / statistics.median(b["times"])
+                for a, b in zip(s["ours"]["raw"], s["ours-packed"]["raw"])]
+        print(f"padded / packed step time per repetition: {', '.join(f'{r:.2f}x' for r in reps)} (min "
+              f"{min(reps):.2f}x, median {statistics.median(reps):.2f}x, max {max(reps):.2f}x)")
+        x, txt = both(s, "ours-packed", "ours")
+        targets.append(("DPO CPU step time per pair, padded / packed (UltraFeedback-shaped)", ">= 1.5x", txt,
+                        x is not None and x >= 1.5))
+    for peer in ("trl",):
+        x, txt = both(s, "ours-packed", peer)
+        if peer in s:
+            targets.append((f"DPO CPU step time per pair, {peer} / ours packed", "(none)", txt, None))
+
+
+def report_dpo_packed_positions(workdir, weights, targets):
+    """The positions table of dpo_packed (no model: dpo.py's packing on the pairs' lengths), then dpo.py itself,
+    --packing=true against --packing=false on the same text."""
+    print(f"\nPositions computed per pair (forward passes; padding included), UltraFeedback-shaped pairs, "
+          f"{DPO_PACKED['n_train']} per shape, micro batch {DPO_PACKED['micro']} (pairs, or packed rows):")
+    print("| shape | steps of | real tokens / pair | padded | packed, prompt twice | packed, prompt once | "
+          "padded / packed once | padded / packed twice | twice / once | pack_length |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (shape, layout), r in positions_table(workdir).items():
+        ratio = r["padded"] / r["packed+shared"]
+        print(f"| {shape} | {layout} | {r['tokens']:.0f} | {r['padded']:.0f} | {r['packed']:.0f} | "
+              f"{r['packed+shared']:.0f} | {ratio:.2f}x | {r['padded'] / r['packed']:.2f}x | "
+              f"{r['packed'] / r['packed+shared']:.2f}x | {r['pack_length']} |")
+        if layout.startswith("dpo_public"):
+            targets.append((f"DPO positions per pair, padded / packed ({shape}, dpo_public layout)", ">= 2x",
+                            f"{ratio:.2f}x", ratio >= 2))
+    print("\ndpo.py --packing=true against --packing=false (bench model, 64 pairs of this text, 3 steps of 16):")
+    r = dpo_runs_agree(weights, workdir)
+    worst = max(r["diffs"], key=r["diffs"].get)
+    print(f"losses per step, packed {r['losses']['true']}, padded {r['losses']['false']}")
+    print(f"largest difference over {r['steps']} steps and {len(r['diffs'])} logged metrics, relative to the metric's "
+          f"largest value: {r['diffs'][worst]:.2e} ({worst}); accuracies that differ (step, metric): "
+          f"{r['accuracies'] or 'none'}; reference caches, relative: train {r['caches']['train']:.2e}, test "
+          f"{r['caches']['test']:.2e}")
+    print(f"tokens per step {r['tokens']}; positions packed {r['positions']['true']} / padded "
+          f"{r['positions']['false']}; fill {[round(f, 3) for f in r['fill']['true']]} / "
+          f"{[round(f, 3) for f in r['fill']['false']]}")
 
 
 def num_params():
@@ -351,6 +418,8 @@ def main(argv):
             s = measure(w, weights, a.reps, a.quiet_wait)
             results[w] = s
             report(w, s, targets)
+            if w == "dpo_packed":
+                report_dpo_packed_positions(tmp, weights, targets)
     if targets:
         print("\nTargets")
         print("| target | wanted | measured | met |")

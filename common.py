@@ -7,6 +7,7 @@ Each piece is a plain function; the stage scripts call them in order, like a rec
 """
 
 import atexit
+import bisect
 import dataclasses
 import difflib
 import gc
@@ -545,6 +546,35 @@ def broadcast_object(obj, d):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def best_fit(sizes, capacity, order):
+    """Items -> rows of at most `capacity`, each a list of item indices: the items in `order` (longest first makes
+    it best-fit decreasing), each into the open row whose free space it fills best, or a new row. sizes: (n,)
+    ints <= capacity. sft.py packs examples with it, dpo.py the pairs of a step."""
+    rows = []
+    # Open rows by free space: free[r] = indices of rows with exactly r tokens free; `sizes` = the r with any
+    # row, kept sorted, so the best fit for an item of k tokens is the first r >= k (a bisect).
+    free, spaces = {}, []
+    for i in [int(i) for i in order]:
+        k = int(sizes[i])
+        j = bisect.bisect_left(spaces, k)
+        if j < len(spaces):
+            r = spaces[j]
+            row = free[r].pop()
+            if not free[r]:
+                del free[r], spaces[j]
+        else:
+            r, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        r -= k
+        if r > 0:  # a full row takes no more items
+            if r not in free:
+                free[r] = []
+                bisect.insort(spaces, r)
+            free[r].append(row)
+    return rows
 
 
 def rank_batches(n, batch_size, d):

@@ -65,10 +65,10 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
     """A dict: 'items' [(group, name, bytes)], 'peak' bytes, 'moment' (where the peak is), and the inputs.
 
     mcfg: model.MistralConfig. tcfg: a stage Config (micro_batch_size, activation_checkpointing, mixed_precision,
-    reference for DPO, lora_* if any). stage: "sft" (micro_batch_size rows of seq_len) or "dpo" (2 x
-    micro_batch_size rows of up to seq_len: chosen and rejected). seq_len: sft's tcfg.seq_len by default; for DPO
-    the longest example the run can see. device: "cuda" (bf16 compute with mixed_precision, our Triton kernels)
-    or "cpu" (fp32, SDPA)."""
+    reference and packing for DPO, lora_* if any). stage: "sft" (micro_batch_size rows of seq_len) or "dpo" (2 x
+    micro_batch_size rows of up to seq_len: chosen and rejected; packed, micro_batch_size rows of seq_len = the
+    pack_length). seq_len: sft's tcfg.seq_len by default; for padded DPO the longest example the run can see.
+    device: "cuda" (bf16 compute with mixed_precision, our Triton kernels) or "cpu" (fp32, SDPA)."""
     D, I, L, V = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_hidden_layers, mcfg.vocab_size
     H, Hkv, hd = mcfg.num_attention_heads, mcfg.num_key_value_heads, mcfg.head_dim
     Dq, Dkv = H * hd, Hkv * hd
@@ -76,7 +76,7 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
     c = 2 if cuda and getattr(tcfg, "mixed_precision", True) else 4   # compute dtype bytes
     ac = bool(getattr(tcfg, "activation_checkpointing", False))
     T = int(seq_len if seq_len is not None else tcfg.seq_len)
-    rows = tcfg.micro_batch_size * (2 if stage == "dpo" else 1)
+    rows = tcfg.micro_batch_size * (2 if stage == "dpo" and not getattr(tcfg, "packing", False) else 1)
     tok = rows * T                                                      # tokens per micro-step per rank
     rank, targets = lora_targets(tcfg)
     lora_on = rank > 0
@@ -132,7 +132,8 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
         L * saved_layer * tok)
     rope = add("activations", "rotary cos/sin tables", 2 * c * hd * tok)
     mask = 0
-    if not cuda:  # SDPA on CPU turns the bool (B, 1, T, T) mask into a float one, which each layer keeps
+    if not cuda:  # SDPA on CPU turns the bool (B, 1, T, T) mask into a float one, which each layer keeps (packed DPO:
+        # one (L, L) per pair, at most T x T per row, when a row holds a single pair)
         mask = add("activations", "SDPA float mask (CPU), per layer that keeps it", (1 if ac else L) * 4 * rows * T * T
                    + rows * T * T)
     recompute = add("activations", "one layer recomputed in backward (checkpointing)", inner * tok if ac else 0)
@@ -314,6 +315,8 @@ def main(argv):
     mcfg = (config_from_preset(opts["--model"]) if "--model" in opts
             else common.model_config(tcfg.init_from, getattr(tcfg, "model_preset", "tiny")))
     seq = getattr(tcfg, "seq_len", None) or getattr(tcfg, "max_length", None) or 1024
+    if stage == "dpo" and tcfg.packing:  # without the data: the longest pair prepare.py lets through (1024 + 1024)
+        seq = tcfg.pack_length or 2048
     p = plan(mcfg, tcfg, int(opts.get("--world", 8)), "cuda", stage, seq)
     gb = float(opts.get("--gpu_gb", 80))
     print(format_plan(p, CARDS.get(int(gb), gb) * GIB))

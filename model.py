@@ -209,7 +209,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # decode: the whole rolling cache (B, n_kv, S, hd)
         gqa = self.n_heads != self.n_kv_heads
         if mask.kind == "flash":
-            y = mask.flash(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=mask.segment_ids)
+            y = mask.flash(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=mask.segment_ids,
+                           branch_ids=mask.branch_ids)
         elif mask.blocks is not None:  # (B, n_heads, q1 - q0, hd) per block, along T
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
                                                           attn_mask=mask.dense[..., q0:q1, k0:q1], enable_gqa=gqa)
@@ -263,8 +264,9 @@ class MistralModel(nn.Module):
 
 
 class Mask:
-    def __init__(self, kind, dense=None, segment_ids=None, flash=None, blocks=None):
+    def __init__(self, kind, dense=None, segment_ids=None, flash=None, branch_ids=None, blocks=None):
         self.kind, self.dense, self.segment_ids, self.flash = kind, dense, segment_ids, flash
+        self.branch_ids = branch_ids  # prompt-shared segments (packed DPO pairs): kernels/masks.py
         self.blocks = blocks  # dense only: [(q0, q1, k0)] from query_blocks, or None for one SDPA call
 
 
@@ -392,9 +394,19 @@ class Mistral(nn.Module):
                 w = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, self.config.initializer_range, generator=g)
                 p.copy_(w)
 
-    def _mask(self, x, T, attention_mask, segment_ids, cache):
+    def _mask(self, x, T, attention_mask, segment_ids, cache, branch_ids=None):
         # Decide, once per forward, how every layer masks attention.
         cfg, B, dev = self.config, x.shape[0], x.device
+        if branch_ids is not None:
+            # Prompt-shared segments (kernels/masks.py): the Triton kernels' prefix variant on CUDA in 16-bit, two SDPA
+            # calls per pair on CPU (both in flash_attention); the dense mask otherwise (fp32 on CUDA, whose kernel
+            # configurations are tuned for 16-bit, other head dims, or kernels/ not importable).
+            flash = _flash_attention()
+            on_kernels = cfg.head_dim in (16, 32, 64, 128) and x.dtype != torch.float32
+            if flash is not None and (not x.is_cuda or on_kernels):
+                return Mask("flash", segment_ids=segment_ids, flash=flash, branch_ids=branch_ids)
+            from kernels.masks import attention_mask as shared_prefix_mask
+            return Mask("dense", dense=shared_prefix_mask(T, cfg.sliding_window, segment_ids, branch_ids=branch_ids))
         if attention_mask is not None:
             attention_mask = attention_mask.to(torch.bool)
         if cache is not None:
@@ -425,15 +437,22 @@ class Mistral(nn.Module):
         start = idx - positions_from_segments(segment_ids) if segment_ids is not None else None
         return Mask("dense", dense=dense, blocks=query_blocks(T, cfg.sliding_window, start))
 
-    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None):
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, cache=None,
+                      branch_ids=None):
         """Final-norm hidden states (B, T, hidden_size), i.e. everything but the LM head.
 
         attention_mask (B, T): 1 = real token, 0 = padding (left or right).
         segment_ids (B, T): packed rows; tokens attend only within their segment and positions restart.
+        branch_ids (B, T), with segment_ids: prompt-shared segments (a DPO pair prompt | chosen | rejected is
+            0 | 1 | 2; kernels/masks.py): a branch sees the shared prefix and itself, its positions continuing
+            from the prefix's end.
         """
         B, T = input_ids.shape
         if position_ids is None:
-            if segment_ids is not None:
+            if branch_ids is not None:
+                from kernels.masks import shared_positions
+                position_ids = shared_positions(segment_ids, branch_ids)
+            elif segment_ids is not None:
                 position_ids = positions_from_segments(segment_ids)
             elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -442,26 +461,32 @@ class Mistral(nn.Module):
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                                      # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = self._mask(x, T, attention_mask, segment_ids, cache)
+        mask = self._mask(x, T, attention_mask, segment_ids, cache, branch_ids)
         for layer in self.model.layers:  # activation checkpointing, if any, is set per layer (common.build_model)
             x = layer(x, cos, sin, mask, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids, targets=None, position_ids=None, attention_mask=None, segment_ids=None,
-                cache=None, ignore_index=-100, expected_grad=None):
+                cache=None, ignore_index=-100, expected_grad=None, branch_ids=None, target_positions=None):
         """Logits (B, T, V) in the model's dtype; or, with `targets` (B, T), the fp32 log-probability of
         each target token (B, T) (0 where target == ignore_index), computed by the fused kernel without
         ever materializing the logits. It runs inside forward so that FSDP has the LM head unsharded.
-        `expected_grad` (B, T) is passed to the kernel (see kernels/logprobs.py)."""
-        h = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, cache)
+        `expected_grad` (B, T) is passed to the kernel (see kernels/logprobs.py).
+        target_positions (N,): targets (N,) are predicted at these flat indices into (B * T), which may repeat
+        (packed DPO: a prompt's last position predicts both answers' first tokens); returns (N,)."""
+        h = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, cache, branch_ids)
         if targets is None:
             return self.lm_head(h)
         from kernels.logprobs import token_logprobs
         B, T, D = h.shape
         eg = expected_grad.reshape(-1) if expected_grad is not None else None
         kw = {"expected_grad": eg} if eg is not None else {}
-        lp = token_logprobs(h.reshape(B * T, D), self.lm_head.weight, targets.reshape(-1), ignore_index, **kw)
-        return lp.view(B, T).clone()  # not a view: FSDP2 hooks the output for backward
+        h = h.reshape(B * T, D)
+        if target_positions is not None:
+            h = h.index_select(0, target_positions)  # (N, D)
+        lp = token_logprobs(h, self.lm_head.weight, targets.reshape(-1), ignore_index, **kw)
+        lp = lp.view(B, T) if target_positions is None else lp
+        return lp.clone()  # not a view: FSDP2 hooks the output for backward
 
     # -------------------------------------------------------------------------
     # Generation

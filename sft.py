@@ -9,7 +9,6 @@ seq_len tokens (best-fit decreasing), visited in a new order each epoch in whole
 (`text`) come with a loss mask of all ones, so the same script pre-trains a base model (run.sh tiny, step 2).
 """
 
-import bisect
 import math
 import sys
 import time
@@ -85,29 +84,7 @@ def pack(lengths, seq_len, packing, seed):
         return [[i] for i in range(n)]
     size = np.minimum(np.asarray(lengths, dtype=np.int64), seq_len)
     order = np.lexsort((np.random.default_rng(seed).random(n), -size))  # longest first, seeded ties
-    rows = []
-    # Open rows by free space: free[r] = indices of rows with exactly r tokens free; `sizes` = the r with any
-    # row, kept sorted, so the best fit for an example of k tokens is the first r >= k (a bisect).
-    free, sizes = {}, []
-    for i in order.tolist():
-        k = int(size[i])
-        j = bisect.bisect_left(sizes, k)
-        if j < len(sizes):
-            r = sizes[j]
-            row = free[r].pop()
-            if not free[r]:
-                del free[r], sizes[j]
-        else:
-            r, row = seq_len, len(rows)
-            rows.append([])
-        rows[row].append(i)
-        r -= k
-        if r > 0:  # a full row takes no more examples
-            if r not in free:
-                free[r] = []
-                bisect.insort(sizes, r)
-            free[r].append(row)
-    return rows
+    return common.best_fit(size, seq_len, order)
 
 
 class Plan:

@@ -1,11 +1,15 @@
-# FlashAttention-2 style attention in Triton: causal, sliding window, packed segments, GQA.
+# FlashAttention-2 style attention in Triton: causal, sliding window, packed segments, prompt-shared
+# segments (DPO pairs), GQA.
 #
-#   flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None)
+#   flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
+#                   branch_ids=None)
 #     q (B, H, T, D), k and v (B, H_kv, T, D) with H % H_kv == 0  ->  (B, H, T, D) in q's dtype
 #
 # Masking convention (Hugging Face Mistral's; kernels/masks.py writes it as a dense mask): query i sees
 # key j iff j <= i (causal), i - j < W (sliding_window=W: itself and at most W-1 earlier tokens), and
 # seg[b, i] == seg[b, j] (segment_ids: packed rows). causal=False keeps only the segment rule.
+# With branch_ids: same segment, and the key in my branch or in the segment's shared prefix (branch 0), the
+# window measured in logical positions (kernels/masks.py): a pair prompt | chosen | rejected is 0 | 1 | 2.
 #
 # Layout: autotuning, the Triton kernels (forward, then the three backward kernels), the autograd
 # Function, flash_attention (dispatch), and the dense torch reference. Beside it: kernels/masks.py (dense
@@ -24,7 +28,8 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
-from kernels.masks import attention_mask, check_inputs, segment_bounds
+from kernels.masks import (attention_mask, check_inputs, check_prefix_layout, prefix_bounds, segment_bounds,
+                           segmented_attention)
 
 # Triton decides interpreter-vs-compiled when each @triton.jit decorator runs (it reads
 # TRITON_INTERPRET through triton.knobs at that moment), so this module's kernels are interpreted
@@ -67,7 +72,7 @@ def _autotune(kernel):
                            prune_configs_by={"early_config_prune": for_device})
 
 
-_TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS"]
+_TUNE_KEY = ["T_BUCKET", "HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SEGMENTS", "HAS_PREFIX"]
 PRE_BLOCK_COMPILED = 128
 _PRE_BLOCK = 16 if _INTERPRETED else PRE_BLOCK_COMPILED  # rows per program of the delta preprocessing kernel
 
@@ -88,6 +93,17 @@ def _masked(s, q_pos, k_pos, q_seg, k_seg, T, window,
         mask = mask & (q_pos - k_pos < window)
     if HAS_SEGMENTS:
         mask = mask & (q_seg == k_seg)
+    return tl.where(mask, s, float("-inf"))
+
+
+@triton.jit
+def _prefix_masked(s, q_pos, k_pos, q_lpos, k_lpos, k_end, window, HAS_WINDOW: tl.constexpr):
+    # The prefix variant (BOUNDS = kernels/masks.py's prefix_bounds): key k is seen by queries k .. kend[k] - 1,
+    # which is the whole mask without a window; the window is measured in logical positions (pre-broadcast
+    # arguments, as above). kend <= T also keeps tile rows and columns past T out.
+    mask = (k_pos <= q_pos) & (q_pos < k_end)
+    if HAS_WINDOW:
+        mask = mask & (q_lpos - k_lpos < window)
     return tl.where(mask, s, float("-inf"))
 
 
@@ -122,13 +138,22 @@ def _load_row(ptr, offs, T, MASKED: tl.constexpr):  # (BLOCK,) of a contiguous (
 
 
 @triton.jit
-def _segment_ids(SEG_BOUNDS, b, T, offs, HAS_SEGMENTS: tl.constexpr):
-    # Segment ids for the masks: the first position holding the same id (plane 0 of SEG_BOUNDS: equal iff
-    # the ids are equal, int32 whatever the caller's dtype). Clamped rather than masked: the mask handles
-    # the tail of a partial tile itself. Without segments, a placeholder that is never read.
+def _plane(BOUNDS, b, T, BT, offs, PLANE: tl.constexpr):  # (BLOCK,) int32 of a (planes, B, T) table, clamped
+    return tl.load(BOUNDS + PLANE * BT + b * T + tl.minimum(offs, T - 1))
+
+
+@triton.jit
+def _segment_ids(BOUNDS, b, T, BT, offs, HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr):
+    # What the masks compare per position. Segments: the first position holding the same id (plane 0 of
+    # segment_bounds: equal iff the ids are equal, int32 whatever the caller's dtype). Prefix with a window:
+    # the logical position (plane 6 of prefix_bounds). Clamped rather than masked: the mask handles the tail
+    # of a partial tile itself. Otherwise a placeholder that is never read.
     seg = offs
     if HAS_SEGMENTS:
-        seg = tl.load(SEG_BOUNDS + b * T + tl.minimum(offs, T - 1))
+        seg = _plane(BOUNDS, b, T, BT, offs, 0)
+    if HAS_PREFIX and HAS_WINDOW:
+        seg = _plane(BOUNDS, b, T, BT, offs, 6)
     return seg
 
 
@@ -136,9 +161,13 @@ def _segment_ids(SEG_BOUNDS, b, T, offs, HAS_SEGMENTS: tl.constexpr):
 # around the loads costs Triton its software pipelining: no cp.async, see ../shared/GPU_AUDIT.md).
 # A program walks the other side's tiles in two loops: [lo_full, hi_full) unmasked (every pair of
 # the tile visible), then the edges [lo, lo_full) and [hi_full, hi) masked, as one loop whose tile
-# index is remapped with arithmetic, not a branch. With segments the bounds come from SEG_BOUNDS
+# index is remapped with arithmetic, not a branch. With segments the bounds come from BOUNDS
 # (4, B, T) int32 (kernels/masks.py, segment_bounds): per position the first and last position of
 # its id (a sound outer range) and its run of equal ids (pairs inside one run: the unmasked range).
+# The prefix variant (prefix_bounds' (7, B, T) table) adds a second key range to forward and dq: the prefix
+# keys of a branch's queries, whose tiles never overlap the first range's, so the chosen answer's tiles are
+# skipped by the rejected answer. In dk/dv a key's queries form one range (the gap a window shorter than a
+# pair may cut into a prefix key's queries, between branch 1's end and branch 2's start, is masked).
 
 
 @triton.jit
@@ -147,12 +176,12 @@ def _round_up(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, offs, BLOCK: tl.constexpr,
+def _clamped_ranges(lo, lo_full, hi_full, hi, BOUNDS, b, T, BT, offs, BLOCK: tl.constexpr,
                     HAS_SEGMENTS: tl.constexpr):
     # Narrows the mask-only ranges of the tile at `offs` by its segments (tiles of the other side are
     # BLOCK wide), then orders them: lo <= lo_full <= hi_full <= hi.
     if HAS_SEGMENTS:
-        p = SEG_BOUNDS + b * T + tl.minimum(offs, T - 1)
+        p = BOUNDS + b * T + tl.minimum(offs, T - 1)
         first, last, run_lo, run_hi = tl.load(p), tl.load(p + BT), tl.load(p + 2 * BT), tl.load(p + 3 * BT)
         lo = tl.maximum(lo, tl.min(first, 0) // BLOCK * BLOCK)
         hi = tl.minimum(hi, tl.max(last, 0) + 1)
@@ -164,10 +193,11 @@ def _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, offs, BLOCK:
 
 
 @triton.jit
-def _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+def _key_ranges(start_m, T, window, BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                HAS_PREFIX: tl.constexpr):
     # Key tiles for queries start_m .. end_m - 1; blocks above the diagonal and blocks wholly older
-    # than the window are never visited, so work is O(T * window).
+    # than the window are never visited, so work is O(T * window). With a prefix: the own branch's keys.
     end_m = tl.minimum(start_m + BLOCK_M, T)
     lo = 0
     lo_full = 0
@@ -179,13 +209,18 @@ def _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, BL
     if HAS_WINDOW:
         lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N  # down to a tile boundary
         lo_full = _round_up(tl.maximum(end_m - window, 0), BLOCK_N)  # keys j >= end_m - W: inside every window
-    return _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, start_m + tl.arange(0, BLOCK_M),
-                           BLOCK_N, HAS_SEGMENTS)
+    offs = start_m + tl.arange(0, BLOCK_M)
+    if HAS_PREFIX:  # from each query's branch start on (prefix_bounds plane 1)
+        own_lo = _plane(BOUNDS, b, T, BT, offs, 1)
+        lo = tl.maximum(lo, tl.min(own_lo, 0) // BLOCK_N * BLOCK_N)
+        lo_full = tl.maximum(lo_full, _round_up(tl.max(own_lo, 0), BLOCK_N))
+    return _clamped_ranges(lo, lo_full, hi_full, hi, BOUNDS, b, T, BT, offs, BLOCK_N, HAS_SEGMENTS)
 
 
 @triton.jit
-def _query_ranges(start_n, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+def _query_ranges(start_n, T, window, BOUNDS, b, BT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                  HAS_PREFIX: tl.constexpr):
     # Query tiles that may see keys start_n .. end_n - 1 (the transpose of the above).
     end_n = tl.minimum(start_n + BLOCK_N, T)
     lo = 0
@@ -195,11 +230,29 @@ def _query_ranges(start_n, T, window, SEG_BOUNDS, b, BT, BLOCK_M: tl.constexpr, 
     if IS_CAUSAL:
         lo = start_n // BLOCK_M * BLOCK_M
         lo_full = _round_up(end_n - 1, BLOCK_M)  # queries i >= end_n - 1: after every key
-    if HAS_WINDOW:
+    offs = start_n + tl.arange(0, BLOCK_N)
+    if HAS_PREFIX:
+        # Window included (prefix_bounds planes 4 and 5): the run of queries from each key on that all see it,
+        # and the end of those that may (a prefix key's reach into branch 2 goes past start_n + W).
+        hi = tl.max(_plane(BOUNDS, b, T, BT, offs, 5), 0)
+        hi_full = tl.minimum(hi_full, tl.min(_plane(BOUNDS, b, T, BT, offs, 4), 0) // BLOCK_M * BLOCK_M)
+    elif HAS_WINDOW:
         hi = tl.minimum(start_n + BLOCK_N + window - 1, T)
         hi_full = tl.minimum(hi_full, (start_n + window) // BLOCK_M * BLOCK_M)  # i < start_n + W
-    return _clamped_ranges(lo, lo_full, hi_full, hi, SEG_BOUNDS, b, T, BT, start_n + tl.arange(0, BLOCK_N),
-                           BLOCK_M, HAS_SEGMENTS)
+    return _clamped_ranges(lo, lo_full, hi_full, hi, BOUNDS, b, T, BT, offs, BLOCK_M, HAS_SEGMENTS)
+
+
+@triton.jit
+def _prefix_range(offs, first_lo, BOUNDS, b, T, BT, BLOCK: tl.constexpr):
+    # The prefix variant's second key range of the query tile at `offs` (prefix_bounds planes 2 and 3): the union
+    # of its queries' prefix keys, and the part all of them see. Keys from first_lo on (the own branch's range,
+    # on the same tile grid) are left to that range, so no tile is visited twice.
+    lo_i, hi_i = _plane(BOUNDS, b, T, BT, offs, 2), _plane(BOUNDS, b, T, BT, offs, 3)
+    lo = tl.min(lo_i, 0) // BLOCK * BLOCK
+    hi = tl.maximum(tl.minimum(tl.max(hi_i, 0), first_lo), lo)
+    lo_full = tl.minimum(tl.maximum(_round_up(tl.max(lo_i, 0), BLOCK), lo), hi)
+    hi_full = tl.minimum(tl.maximum(tl.min(hi_i, 0) // BLOCK * BLOCK, lo_full), hi)
+    return lo, lo_full, hi_full, hi
 
 
 @triton.jit
@@ -222,9 +275,10 @@ def _tile_start(i, lo, lo_full, hi_full, BLOCK: tl.constexpr, MASKED: tl.constex
 
 @triton.jit
 def _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt, stride_vt,
-                     SEG_BOUNDS, b, T, window, qk_scale, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
+                     BOUNDS, b, T, BT, window, qk_scale, MASKED: tl.constexpr, V_TRANSPOSED: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     # The i-th key tile of a query tile (forward and dq): scaled scores q k^T in the log2 domain,
     # (BLOCK_M, BLOCK_N) with -inf where masked, and the tile's values, V or V^T.
     offs_n = _tile_start(i, lo, lo_full, hi_full, BLOCK_N, MASKED) + tl.arange(0, BLOCK_N)
@@ -232,9 +286,13 @@ def _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, 
     v = _load_tile(v_base, offs_n, offs_d, stride_vt, T, V_TRANSPOSED, MASKED, UPCAST)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     if MASKED:
-        s = _masked(s, offs_m[:, None], offs_n[None, :], q_seg[:, None],
-                    _segment_ids(SEG_BOUNDS, b, T, offs_n, HAS_SEGMENTS)[None, :], T, window,
-                    IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+        k_seg = _segment_ids(BOUNDS, b, T, BT, offs_n, HAS_SEGMENTS, HAS_PREFIX, HAS_WINDOW)[None, :]
+        if HAS_PREFIX:
+            s = _prefix_masked(s, offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg,
+                               _plane(BOUNDS, b, T, BT, offs_n, 0)[None, :], window, HAS_WINDOW)
+        else:
+            s = _masked(s, offs_m[:, None], offs_n[None, :], q_seg[:, None], k_seg, T, window, IS_CAUSAL, HAS_WINDOW,
+                        HAS_SEGMENTS)
     return s, k_t, v
 
 
@@ -244,14 +302,14 @@ def _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, 
 
 @triton.jit
 def _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, lo, lo_full, hi_full, hi, k_base, v_base, offs_d,
-                    stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale,
+                    stride_kt, stride_vt, BOUNDS, b, T, BT, window, qk_scale,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_N, MASKED)):
         qk, _, v = _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt,
-                                    stride_vt, SEG_BOUNDS, b, T, window, qk_scale, MASKED, False, IS_CAUSAL,
-                                    HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+                                    stride_vt, BOUNDS, b, T, BT, window, qk_scale, MASKED, False, IS_CAUSAL,
+                                    HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
@@ -264,13 +322,13 @@ def _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, lo, lo_full, hi_full, hi, k
 @_autotune("_attn_fwd")
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, SEG_BOUNDS,
+    Q, K, V, O, LSE, BOUNDS,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     H, GROUP, T, BT, T_BUCKET, window, qk_scale,  # GROUP = H // H_kv, BT = B * T; T_BUCKET: the autotuner's
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -282,9 +340,9 @@ def _attn_fwd(
     offs_m = start_m + tl.arange(0, BLOCK_M)  # query positions of this tile (BLOCK_M,)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, T, False, True, UPCAST)
-    q_seg = _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)  # (BLOCK_M,)
-    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
-                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+    q_seg = _segment_ids(BOUNDS, b, T, BT, offs_m, HAS_SEGMENTS, HAS_PREFIX, HAS_WINDOW)  # (BLOCK_M,)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, BOUNDS, b, BT, BLOCK_M, BLOCK_N,
+                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX)
 
     # Running softmax state in the log2 domain. m_i starts at a finite -1e30 rather than -inf, so
     # that a row whose first visited tile is wholly masked (possible with windows and segments)
@@ -292,12 +350,18 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max of scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of p @ v
-    args = (q, offs_m, q_seg, lo, lo_full, hi_full, hi, K + b * stride_kb + h_kv * stride_kh,
-            V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST,
-                                    DOT_PRECISION, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST,
-                                    DOT_PRECISION, BLOCK_N)
+    kv = (K + b * stride_kb + h_kv * stride_kh, V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt,
+          stride_vt, BOUNDS, b, T, BT, window, qk_scale)
+    if HAS_PREFIX:  # the prefix keys of the tile's branch queries first (planes 2 and 3)
+        prefix = _prefix_range(offs_m, lo, BOUNDS, b, T, BT, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, *prefix, *kv, False, IS_CAUSAL, HAS_WINDOW,
+                                        HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, *prefix, *kv, True, IS_CAUSAL, HAS_WINDOW,
+                                        HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, lo, lo_full, hi_full, hi, *kv, False, IS_CAUSAL,
+                                    HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_tiles(acc, l_i, m_i, q, offs_m, q_seg, lo, lo_full, hi_full, hi, *kv, True, IS_CAUSAL,
+                                    HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
 
     # Every real row saw at least its own key (or its own segment), so l_i > 0 there; tail rows of
     # a partial tile have l_i = 0 and are not stored, the where() only keeps them NaN-free.
@@ -340,10 +404,10 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, q_base, do_base, lse_row, delta_row,
-                     offs_d, stride_qt, stride_dot, SEG_BOUNDS, b, T, window, qk_scale,
+                     offs_d, stride_qt, stride_dot, BOUNDS, b, T, BT, window, qk_scale,
                      MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                     HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+                     HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_M, MASKED)):
         offs_m = _tile_start(i, lo, lo_full, hi_full, BLOCK_M, MASKED) + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         q_t = _load_tile(q_base, offs_m, offs_d, stride_qt, T, True, MASKED, UPCAST)  # (D, BLOCK_M): Q^T
@@ -353,8 +417,13 @@ def _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, q_ba
         # Transposed tiles (keys x queries), so that P^T and dS^T come out directly.
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale - lse[None, :] * LOG2E  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            s_t = _masked(s_t, offs_m[None, :], offs_n[:, None], _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)[None, :],
-                          k_seg[:, None], T, window, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+            q_seg = _segment_ids(BOUNDS, b, T, BT, offs_m, HAS_SEGMENTS, HAS_PREFIX, HAS_WINDOW)[None, :]
+            if HAS_PREFIX:
+                s_t = _prefix_masked(s_t, offs_m[None, :], offs_n[:, None], q_seg, k_seg[:, None],
+                                     _plane(BOUNDS, b, T, BT, offs_n, 0)[:, None], window, HAS_WINDOW)
+            else:
+                s_t = _masked(s_t, offs_m[None, :], offs_n[:, None], q_seg, k_seg[:, None], T, window, IS_CAUSAL,
+                              HAS_WINDOW, HAS_SEGMENTS)
         p_t = tl.exp2(s_t)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
@@ -366,14 +435,14 @@ def _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, q_ba
 @_autotune("_attn_bwd_dkdv")
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, SEG_BOUNDS, DK, DV,
+    Q, K, V, DO, LSE, DELTA, BOUNDS, DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     H, GROUP, T, BT, T_BUCKET, window, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -386,21 +455,20 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_tile(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kt, T, False, True, UPCAST)
     v = _load_tile(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vt, T, False, True, UPCAST)
-    k_seg = _segment_ids(SEG_BOUNDS, b, T, offs_n, HAS_SEGMENTS)
-    lo, lo_full, hi_full, hi = _query_ranges(start_n, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
-                                             IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+    k_seg = _segment_ids(BOUNDS, b, T, BT, offs_n, HAS_SEGMENTS, HAS_PREFIX, HAS_WINDOW)
+    lo, lo_full, hi_full, hi = _query_ranges(start_n, T, window, BOUNDS, b, BT, BLOCK_M, BLOCK_N,
+                                             IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for h in range(h_kv * GROUP, h_kv * GROUP + GROUP):  # the query heads that share this kv head
         row = (b * H + h) * T  # into LSE and DELTA, contiguous (B, H, T)
-        args = (k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, Q + b * stride_qb + h * stride_qh,
-                DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row, offs_d, stride_qt, stride_dot,
-                SEG_BOUNDS, b, T, window, qk_scale)
-        dk, dv = _attn_dkdv_tiles(dk, dv, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION,
-                                  BLOCK_M)
-        dk, dv = _attn_dkdv_tiles(dk, dv, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION,
-                                  BLOCK_M)
+        rest = (Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh, LSE + row, DELTA + row,
+                offs_d, stride_qt, stride_dot, BOUNDS, b, T, BT, window, qk_scale)
+        dk, dv = _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, *rest, False, IS_CAUSAL,
+                                  HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_M)
+        dk, dv = _attn_dkdv_tiles(dk, dv, k, v, offs_n, k_seg, lo, lo_full, hi_full, hi, *rest, True, IS_CAUSAL,
+                                  HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_M)
 
     dk = dk * softmax_scale
     row = pid_bh.to(tl.int64) * T + offs_n  # DK and DV are contiguous (B, H_kv, T, D)
@@ -410,14 +478,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_dq_tiles(dq, q, do, lse, delta, offs_m, q_seg, lo, lo_full, hi_full, hi, k_base, v_base, offs_d,
-                   stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale,
+                   stride_kt, stride_vt, BOUNDS, b, T, BT, window, qk_scale,
                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for i in range(0, _n_tiles(lo, lo_full, hi_full, hi, BLOCK_N, MASKED)):
         s, k_t, v_t = _key_tile_scores(q, offs_m, q_seg, i, lo, lo_full, hi_full, k_base, v_base, offs_d, stride_kt,
-                                       stride_vt, SEG_BOUNDS, b, T, window, qk_scale, MASKED, True, IS_CAUSAL,
-                                       HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+                                       stride_vt, BOUNDS, b, T, BT, window, qk_scale, MASKED, True, IS_CAUSAL,
+                                       HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST, DOT_PRECISION, BLOCK_N)
         p = tl.exp2(s - lse[:, None] * LOG2E)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -428,14 +496,14 @@ def _attn_dq_tiles(dq, q, do, lse, delta, offs_m, q_seg, lo, lo_full, hi_full, h
 @_autotune("_attn_bwd_dq")
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, SEG_BOUNDS, DQ,
+    Q, K, V, DO, LSE, DELTA, BOUNDS, DQ,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     H, GROUP, T, BT, T_BUCKET, window, qk_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SEGMENTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_PREFIX: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -451,15 +519,24 @@ def _attn_bwd_dq(
     row = pid_bh.to(tl.int64) * T + offs_m
     lse = _load_row(LSE + pid_bh.to(tl.int64) * T, offs_m, T, True)  # (BLOCK_M,)
     delta = _load_row(DELTA + pid_bh.to(tl.int64) * T, offs_m, T, True)
-    q_seg = _segment_ids(SEG_BOUNDS, b, T, offs_m, HAS_SEGMENTS)
-    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, SEG_BOUNDS, b, BT, BLOCK_M, BLOCK_N,
-                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS)
+    q_seg = _segment_ids(BOUNDS, b, T, BT, offs_m, HAS_SEGMENTS, HAS_PREFIX, HAS_WINDOW)
+    lo, lo_full, hi_full, hi = _key_ranges(start_m, T, window, BOUNDS, b, BT, BLOCK_M, BLOCK_N,
+                                           IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    args = (q, do, lse, delta, offs_m, q_seg, lo, lo_full, hi_full, hi, K + b * stride_kb + h_kv * stride_kh,
-            V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt, stride_vt, SEG_BOUNDS, b, T, window, qk_scale)
-    dq = _attn_dq_tiles(dq, *args, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
-    dq = _attn_dq_tiles(dq, *args, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, UPCAST, DOT_PRECISION, BLOCK_N)
+    qs = (q, do, lse, delta, offs_m, q_seg)
+    kv = (K + b * stride_kb + h_kv * stride_kh, V + b * stride_vb + h_kv * stride_vh, offs_d, stride_kt, stride_vt,
+          BOUNDS, b, T, BT, window, qk_scale)
+    if HAS_PREFIX:  # as in the forward: the prefix keys first
+        prefix = _prefix_range(offs_m, lo, BOUNDS, b, T, BT, BLOCK_N)
+        dq = _attn_dq_tiles(dq, *qs, *prefix, *kv, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST,
+                            DOT_PRECISION, BLOCK_N)
+        dq = _attn_dq_tiles(dq, *qs, *prefix, *kv, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX, UPCAST,
+                            DOT_PRECISION, BLOCK_N)
+    dq = _attn_dq_tiles(dq, *qs, lo, lo_full, hi_full, hi, *kv, False, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX,
+                        UPCAST, DOT_PRECISION, BLOCK_N)
+    dq = _attn_dq_tiles(dq, *qs, lo, lo_full, hi_full, hi, *kv, True, IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX,
+                        UPCAST, DOT_PRECISION, BLOCK_N)
 
     dq = dq * softmax_scale
     tl.store(DQ + row[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -469,15 +546,22 @@ def _attn_bwd_dq(
 # Launchers and the autograd Function
 
 
-def _flags(q, causal, sliding_window, segment_ids):
+def _flags(q, causal, sliding_window, segment_ids, branch_ids=None):
     # fp32 inputs get true fp32 dots ("ieee"; Triton's default would round them to tf32, ~1e-3
     # relative): fp32 is the accuracy path, not the fast one. 16-bit inputs ignore the setting.
+    # Prompt-shared segments take the prefix variant alone: its table replaces segment_bounds'.
     return dict(HEAD_DIM=q.shape[-1], IS_CAUSAL=causal, HAS_WINDOW=sliding_window is not None,
-                HAS_SEGMENTS=segment_ids is not None, UPCAST=_INTERPRETED,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                HAS_SEGMENTS=segment_ids is not None and branch_ids is None, HAS_PREFIX=branch_ids is not None,
+                UPCAST=_INTERPRETED, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale):
+def _bounds(segment_ids, branch_ids, sliding_window):
+    if branch_ids is not None:
+        return prefix_bounds(segment_ids, branch_ids, sliding_window)
+    return segment_bounds(segment_ids) if segment_ids is not None else None
+
+
+def _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale, branch_ids=None):
     B, H, T, D = q.shape
     group = H // k.shape[1]
     o = torch.empty(B, H, T, D, dtype=q.dtype, device=q.device)
@@ -485,11 +569,11 @@ def _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale)
     _attn_fwd[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](
         q, k, v, o, lse, bounds, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         H, group, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value,
-        **_flags(q, causal, sliding_window, segment_ids))
+        **_flags(q, causal, sliding_window, segment_ids, branch_ids))
     return o, lse
 
 
-def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, scale):
+def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, scale, branch_ids=None):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     if do.stride(-1) != 1:
@@ -502,7 +586,7 @@ def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, b
     dv = torch.empty(B, H_kv, T, D, dtype=v.dtype, device=v.device)
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
               H, H // H_kv, T, B * T, triton.next_power_of_2(T), sliding_window or 0, scale * LOG2E.value, scale)
-    flags = _flags(q, causal, sliding_window, segment_ids)
+    flags = _flags(q, causal, sliding_window, segment_ids, branch_ids)
     _attn_bwd_dkdv[lambda META: (triton.cdiv(T, META["BLOCK_N"]), B * H_kv)](
         q, k, v, do, lse, delta, bounds, dk, dv, *common, **flags)
     _attn_bwd_dq[lambda META: (triton.cdiv(T, META["BLOCK_M"]), B * H)](
@@ -512,34 +596,42 @@ def _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, b
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sliding_window, segment_ids, scale):
-        bounds = segment_bounds(segment_ids) if segment_ids is not None else None
-        o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale)
-        ctx.save_for_backward(q, k, v, o, lse, segment_ids, bounds)
+    def forward(ctx, q, k, v, causal, sliding_window, segment_ids, scale, branch_ids):
+        bounds = _bounds(segment_ids, branch_ids, sliding_window)
+        o, lse = _triton_forward(q, k, v, causal, sliding_window, segment_ids, bounds, scale, branch_ids)
+        ctx.save_for_backward(q, k, v, o, lse, segment_ids, bounds, branch_ids)
         ctx.mask_args = (causal, sliding_window)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, segment_ids, bounds = ctx.saved_tensors
+        q, k, v, o, lse, segment_ids, bounds, branch_ids = ctx.saved_tensors
         causal, sliding_window = ctx.mask_args
-        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _triton_backward(do, q, k, v, o, lse, causal, sliding_window, segment_ids, bounds, ctx.scale,
+                                      branch_ids)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 
 
-def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
-    """Attention over q (B, H, T, D) and k, v (B, H_kv, T, D) -> (B, H, T, D); convention at the top."""
-    check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
+def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
+                    branch_ids=None):
+    """Attention over q (B, H, T, D) and k, v (B, H_kv, T, D) -> (B, H, T, D); convention at the top.
+    branch_ids must have the layout of kernels/masks.py's check_prefix_layout (checked here on CPU tensors;
+    on CUDA a check would cost a host sync per call: dpo.py checks its rows before moving them)."""
+    check_inputs(q, k, v, causal, sliding_window, segment_ids, softmax_scale, branch_ids)
     B, H, T, D = q.shape
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if branch_ids is not None and not q.is_cuda:
+        check_prefix_layout(segment_ids, branch_ids)
 
     if not q.is_cuda and not interpret:  # CPU: torch's SDPA with the shared mask
+        if branch_ids is not None:  # segment by segment: sum(L^2) work, not T^2
+            return segmented_attention(q, k, v, sliding_window, segment_ids, branch_ids, scale)
         if sliding_window is None and segment_ids is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                   enable_gqa=H != k.shape[1])
@@ -558,10 +650,11 @@ def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None,
     # place) but assume unit stride along D; anything else is copied once.
     # Segment ids of any integer dtype and layout: the kernels read only segment_bounds' int32 table.
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    return _FlashAttention.apply(q, k, v, bool(causal), sliding_window, segment_ids, scale)
+    return _FlashAttention.apply(q, k, v, bool(causal), sliding_window, segment_ids, scale, branch_ids)
 
 
-def reference_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None):
+def reference_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
+                        branch_ids=None):
     """Dense-mask attention in fp32; slow and simple, the yardstick the tests hold the kernels to."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
@@ -569,6 +662,6 @@ def reference_attention(q, k, v, causal=True, sliding_window=None, segment_ids=N
     k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D): query head h reads kv head h // group
     v = v.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, H, T, T)
-    mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal)
+    mask = attention_mask(T, sliding_window, segment_ids, device=q.device, causal=causal, branch_ids=branch_ids)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (torch.softmax(scores, dim=-1) @ v).to(q.dtype)

@@ -16,7 +16,9 @@ logprobs, CPU: the chunked torch path against the naive one in fp32. Memory: eac
 attention (GPU only): TFLOP/s of kernels.attention.flash_attention, forward, backward and both,
     against torch SDPA (flash backend, K/V repeated for GQA) and flash-attn when installed. Causal,
     head_dim 128, 32 query / 8 KV heads, ~16k tokens per batch, full and 4096 sliding window.
-    The backward counts 2.5x the forward FLOPs.
+    The backward counts 2.5x the forward FLOPs. Then DPO pairs packed into rows: the prefix variant (each
+    pair prompt | chosen | rejected, the prompt computed once) against the same pairs packed as two segments
+    each (prompt + chosen, prompt + rejected), in time per pair and in TFLOP/s of the visible pairs.
 """
 
 import datetime
@@ -211,6 +213,54 @@ def attention_flops(B, H, T, D, causal=True, sliding_window=None):
     return 4 * B * H * D * pairs
 
 
+def dpo_rows(n_pairs, P, C, R, shared, device="cpu"):
+    """One packed row of n_pairs equal pairs, padded to a multiple of 128: (segment_ids, branch_ids or None, T,
+    visible query-key pairs of the real tokens). shared: prompt | chosen | rejected per pair (the prefix
+    variant); else prompt + chosen and prompt + rejected as two segments (packing without sharing)."""
+    if shared:
+        lengths, branches = [P, C, R] * n_pairs, [0, 1, 2] * n_pairs
+        segments = [k for k in range(n_pairs) for _ in range(3)]
+        visible = n_pairs * (P * (P + 1) // 2 + C * P + C * (C + 1) // 2 + R * P + R * (R + 1) // 2)
+    else:
+        lengths, branches, segments = [P + C, P + R] * n_pairs, [0, 0] * n_pairs, list(range(2 * n_pairs))
+        visible = n_pairs * ((P + C) * (P + C + 1) // 2 + (P + R) * (P + R + 1) // 2)
+    used = sum(lengths)
+    T = -(-used // 128) * 128
+    rep = lambda xs, pad: torch.tensor(xs + [pad]).repeat_interleave(torch.tensor(lengths + [T - used]))  # noqa: E731
+    seg = rep(segments, len(lengths))[None].to(device)
+    branch = rep(branches, 0)[None].to(device) if shared else None
+    return seg, branch, T, visible
+
+
+def bench_attention_pairs(flash_attention, H=32, H_KV=8, D=128, TOKENS=16384, window=4096):
+    # UltraFeedback's medians (prompt : answer ~ 0.42, ~409 tokens per prompt + answer; REFERENCE.md).
+    P, A = 121, 288
+    print(f"\nattention on DPO pairs: prompt {P} + answers {A} + {A} tokens, packed rows of ~{TOKENS} tokens "
+          f"per batch, bf16, {H}/{H_KV} heads, head_dim {D}, window {window}; fwd+bwd time per pair, and TFLOP/s "
+          "of the visible pairs")
+    print(f"{'pairs/row':>9} | {'shared: T':>9} {'us/pair':>8} {'TFLOP/s':>8} | {'unshared: T':>11} {'us/pair':>8} "
+          f"{'TFLOP/s':>8} | {'speed':>6}")
+    import triton.testing
+    for n in (2, 5, 10, 20):
+        cells = []
+        for shared in (True, False):
+            seg, branch, T, visible = dpo_rows(n, P, A, A, shared, "cuda")
+            B = max(1, TOKENS // T)
+            seg = seg.expand(B, T).contiguous()
+            branch = branch.expand(B, T).contiguous() if shared else None
+            q = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(B, H_KV, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
+            dout = torch.randn_like(q)
+            step = lambda: flash_attention(q, k, v, True, window, seg, None, branch).backward(dout)  # noqa: E731
+            ms = triton.testing.do_bench(step, grad_to_none=[q, k, v])
+            cells.append((T, 1e3 * ms / (B * n), 3.5 * 4 * B * H * D * visible / ms * 1e-9))
+            del q, k, v
+            torch.cuda.empty_cache()
+        (ts, us, tf), (tu, uu, tfu) = cells
+        print(f"{n:>9} | {ts:>9} {us:>8.1f} {tf:>8.0f} | {tu:>11} {uu:>8.1f} {tfu:>8.0f} | {uu / us:>5.2f}x", flush=True)
+
+
 def bench_attention():
     if not torch.cuda.is_available():
         print("\nattention: no CUDA device here, skipped")
@@ -272,6 +322,7 @@ def bench_attention():
                   f"{text[2]:>17}", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
+    bench_attention_pairs(flash_attention)
 
 # ---------------------------------------------------------------------------------------------------
 # compile: every kernel, every autotune config, compiled for H100 (sm_90) and A100 (sm_80) on this
@@ -284,10 +335,11 @@ def bench_attention():
 # ---------------------------------------------------------------------------------------------------
 
 TARGETS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}                 # capability, shared bytes per block
-VARIANTS = {                                                             # IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS
-    "causal": (True, False, False), "causal+window": (True, True, False),
-    "causal+segments": (True, False, True), "causal+window+segments": (True, True, True),
-    "non-causal": (False, False, False),
+VARIANTS = {                                               # IS_CAUSAL, HAS_WINDOW, HAS_SEGMENTS, HAS_PREFIX
+    "causal": (True, False, False, False), "causal+window": (True, True, False, False),
+    "causal+segments": (True, False, True, False), "causal+window+segments": (True, True, True, False),
+    "non-causal": (False, False, False, False),
+    "causal+prefix": (True, False, False, True), "causal+window+prefix": (True, True, False, True),  # DPO pairs
 }
 _DIV16 = {"T", "T_BUCKET", "window", "V", "D", "V_SPLIT", "stride_h", "stride_w", "stride_z"}
 
@@ -298,7 +350,7 @@ def _arg_type(kernel, name, dtype):
         return "*fp32"
     if name in ("SEG", "t_ptr"):
         return "*i64"
-    if name == "SEG_BOUNDS":
+    if name == "BOUNDS":
         return "*i32"
     if kernel.startswith("_attn") and name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV") or \
             name in ("h_ptr", "w_ptr", "dz_ptr", "a_ptr", "b_ptr"):
@@ -318,9 +370,9 @@ def compile_jobs(targets=tuple(TARGETS), dtypes=("bf16", "fp16"), head_dims=(64,
             tl_dtype = {"bf16": "tl.bfloat16", "fp16": "tl.float16"}[dtype]
             for head_dim in head_dims:
                 for variant in variants:
-                    causal, window, segments = VARIANTS[variant]
+                    causal, window, segments, prefix = VARIANTS[variant]
                     flags = dict(HEAD_DIM=head_dim, IS_CAUSAL=causal, HAS_WINDOW=window, HAS_SEGMENTS=segments,
-                                 UPCAST=False, DOT_PRECISION="tf32")
+                                 HAS_PREFIX=prefix, UPCAST=False, DOT_PRECISION="tf32")
                     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"):
                         for cfg in A.tuning_configs(name, head_dim, TARGETS[target][0]):   # after the pruning
                             jobs.append(dict(kernel=name, target=target, dtype=dtype, head_dim=head_dim,
@@ -372,8 +424,8 @@ def compile_one(job):
     for name, value in list(constexprs.items()):                         # "tl.bfloat16" -> the dtype object
         if isinstance(value, str) and value.startswith("tl."):
             constexprs[name] = getattr(triton.language, value[3:])
-    if not constexprs.get("HAS_SEGMENTS", True):
-        constexprs.update({n: None for n in ("SEG", "SEG_BOUNDS") if n in fn.arg_names})
+    if not constexprs.get("HAS_SEGMENTS", True) and not constexprs.get("HAS_PREFIX"):
+        constexprs.update({n: None for n in ("SEG", "BOUNDS") if n in fn.arg_names})
     types = job.get("types", {})
     constexprs.update({n: t for n, t in types.items() if not isinstance(t, str)})     # unit strides: 1
     signature, attrs = {}, {}
@@ -475,11 +527,11 @@ def print_compile_table(records):
 
 def compile_summary(records):
     kept = [r for r in records if r["ok"] and not r["pruned"]]
-    seg = [r for r in kept if "segments" in r["variant"]]
+    seg = [r for r in kept if "segments" in r["variant"] or "prefix" in r["variant"]]
     return (f"summary: {len(records)} compiles ({len({r['kernel'] for r in records})} kernels), "
             f"{sum(not r['ok'] for r in records)} failed, {sum(r['pruned'] for r in records)} pruned, "
             f"{len(kept)} kept; kept configs that spill: {sum(bool(r['spill_bytes']) for r in kept)}; "
-            f"segment-variant configs pipelined: {sum(bool(r['pipelined']) for r in seg)}/{len(seg)}; "
+            f"segment- and prefix-variant configs pipelined: {sum(bool(r['pipelined']) for r in seg)}/{len(seg)}; "
             f"max shared {max(r['shared_bytes'] for r in kept)} B; max registers {max(r['registers'] or 0 for r in kept)}")
 
 

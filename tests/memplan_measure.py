@@ -2,8 +2,10 @@
 # (profile_memory: every allocation and free of torch's CPU allocator), next to memplan.plan for the same run.
 #   python -m torch.distributed.run --nproc_per_node=N tests/memplan_measure.py OUT.json SPEC_JSON
 # SPEC: {"model": MistralConfig fields, "stage": "sft"|"dpo", "micro_batch_size", "seq_len",
-#        "activation_checkpointing", "accum"}. Rows are full of targets (SFT: two packed segments; DPO: right
-# padding, answer = second half), as sft.py's and dpo.py's micro-steps run them. Rank 0 writes the JSON.
+#        "activation_checkpointing", "accum", "packing" (DPO)}. Rows are full of targets (SFT: two packed segments;
+# DPO: right padding, answer = second half; packed DPO: two pairs per row, prompt | chosen | rejected of
+# T/8 | 3T/16 | 3T/16, every answer token a target), as sft.py's and dpo.py's micro-steps run them. Rank 0 writes
+# the JSON.
 import json
 import sys
 import types
@@ -21,10 +23,12 @@ def main(out, spec):
     spec = json.loads(spec)
     d = common.setup_dist("cpu")
     mcfg = MistralConfig(**spec["model"])
+    packed = spec.get("packing", False)
     tcfg = types.SimpleNamespace(micro_batch_size=spec["micro_batch_size"], seq_len=spec["seq_len"],
                                  activation_checkpointing=spec["activation_checkpointing"], mixed_precision=False,
-                                 reference="precomputed")
-    B, T, dpo = spec["micro_batch_size"] * (2 if spec["stage"] == "dpo" else 1), spec["seq_len"], spec["stage"] == "dpo"
+                                 reference="precomputed", packing=packed)
+    dpo = spec["stage"] == "dpo"
+    B, T = spec["micro_batch_size"] * (2 if dpo and not packed else 1), spec["seq_len"]
     g = torch.Generator().manual_seed(d.rank)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         import model as M
@@ -39,7 +43,15 @@ def main(out, spec):
                 for m in range(spec["accum"]):
                     ids = torch.randint(3, mcfg.vocab_size, (B, T + 1), generator=g)
                     targets = ids[:, 1:].clone()
-                    if dpo:
+                    if dpo and packed:
+                        P, A = T // 8, 3 * T // 16
+                        seg = torch.arange(2).repeat_interleave(T // 2).expand(B, T).contiguous()
+                        branch = torch.tensor([0] * P + [1] * A + [2] * A).repeat(2).expand(B, T).contiguous()
+                        answer = (branch != 0).flatten().nonzero().squeeze(1)        # every answer token a target
+                        lp = model(ids[:, :-1], targets=ids[:, :-1].flatten()[answer], segment_ids=seg,
+                                   branch_ids=branch, target_positions=answer - 1)
+                        loss = -(lp * torch.linspace(0.5, 1.5, len(answer))).sum()
+                    elif dpo:
                         targets[:, :T // 2] = -100
                         attn = torch.ones(B, T, dtype=torch.bool)
                         attn[B // 2:, -T // 8:] = False          # some right padding

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from kernels import masks
+
 _FILE = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "attention.py"
 
 
@@ -86,25 +88,41 @@ def packed_segments(*rows):
     return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
 
 
+def prefix_layout(*rows, T):
+    """segment_ids, branch_ids (B, T) of rows of DPO pairs, each row given as (prompt, chosen, rejected) lengths
+    laid out prompt | chosen | rejected, segment k per pair, branches 0 | 1 | 2; the rest of the row is padding,
+    a segment of its own (branch 0)."""
+    seg, branch = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for k, lengths in enumerate(row):
+            for name, n in enumerate(lengths):
+                seg[b, t:t + n], branch[b, t:t + n] = k, name
+                t += n
+        assert t <= T, f"row {b}: {t} tokens > T={T}"
+        seg[b, t:] = len(row)
+    return seg, branch
+
+
 def random_qkv(B, H, H_kv, T, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, H_kv, H_kv)]
 
 
 def check_against_reference(q, k, v, causal=True, sliding_window=None, segment_ids=None, softmax_scale=None,
-                            leaves=None, to_bhtd=lambda g: g):
+                            leaves=None, to_bhtd=lambda g: g, branch_ids=None):
     """Run flash_attention forward and backward; compare output and dq, dk, dv with the reference.
 
     q, k, v are (B, H, T, D) views; `leaves` are the tensors holding .grad (default q, k, v), and
     to_bhtd maps a leaf's gradient to (B, H, T, D) for non-contiguous cases."""
     leaves = leaves or [q, k, v]
-    o = attn.flash_attention(q, k, v, causal, sliding_window, segment_ids, softmax_scale)
+    o = attn.flash_attention(q, k, v, causal, sliding_window, segment_ids, softmax_scale, branch_ids)
     assert o.shape == q.shape and o.dtype == q.dtype
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype)
     o.backward(do)
 
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref = attn.reference_attention(*ref_in, causal, sliding_window, segment_ids, softmax_scale)
+    ref = attn.reference_attention(*ref_in, causal, sliding_window, segment_ids, softmax_scale, branch_ids)
     ref.backward(do.float())
 
     errors = {"out": assert_close(o, ref, "output")}
@@ -238,6 +256,131 @@ def test_segment_bounds_match_brute_force():
             assert (run_start[b, i], run_end[b, i]) == (lo, hi)
 
 
+# ----------------------------------------------------------------------------------------------
+# Prompt-shared segments (branch_ids): a DPO pair prompt | chosen | rejected is one segment; the rejected
+# answer sees the prompt and itself, with positions as if the chosen answer were absent.
+
+
+def unpacked(x, b, lo, pieces):
+    # x (B, H, T, D) -> (1, H, L, D): the positions [lo + a, lo + a + n) for each (a, n) of pieces, in order.
+    return torch.cat([x[b:b + 1, :, lo + a:lo + a + n] for a, n in pieces], dim=2)
+
+
+@pytest.mark.parametrize("path", ["kernels", "cpu", "reference"])
+@pytest.mark.parametrize("W", [None, 6])
+def test_each_answer_attends_as_in_its_own_unpacked_prompt_plus_answer_sequence(monkeypatch, path, W):
+    # The independent definition: a packed pair's answer gets exactly what plain causal attention (window
+    # included, positions 0, 1, ... of the sequence) gives on the unpacked prompt + that answer. W=6 is shorter
+    # than every pair, so a rejected token's window reaches back into the prompt past the chosen answer.
+    pairs = [(5, 4, 7), (9, 1, 3), (2, 6, 1)]
+    T = 45
+    seg, branch = prefix_layout(pairs, T=T)
+    q, k, v = random_qkv(1, 4, 2, T, 16, torch.float32, seed=7)
+    if path == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+    fn = attn.reference_attention if path == "reference" else attn.flash_attention
+    o = fn(q, k, v, True, W, seg, None, branch)
+    t = 0
+    for P, C, R in pairs:
+        for start, n in ((P, C), (P + C, R)):
+            x = [unpacked(y, 0, t, [(0, P), (start, n)]) for y in (q, k, v)]
+            expect = attn.reference_attention(*x, True, W)[:, :, P:]
+            torch.testing.assert_close(o[:, :, t + start:t + start + n], expect, rtol=0, atol=2e-6)
+        expect = attn.reference_attention(*[unpacked(y, 0, t, [(0, P)]) for y in (q, k, v)], True, W)
+        torch.testing.assert_close(o[:, :, t:t + P], expect, rtol=0, atol=2e-6)
+        t += P + C + R
+
+
+def test_shared_positions_restart_the_rejected_answer_at_the_prompts_length():
+    seg, branch = prefix_layout([(3, 2, 4), (1, 1, 1)], T=16)
+    assert masks.shared_positions(seg, branch).tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 6, 0, 1, 1, 0, 1, 2, 3]]
+    # The convention's own definition: the tokens a token sees before it.
+    seg, branch = prefix_layout([(7, 5, 9), (2, 0, 3), (4, 6, 0)], [(1, 30, 1)], T=37)
+    visible = attn.attention_mask(37, None, seg, branch_ids=branch)[:, 0].sum(-1) - 1
+    assert torch.equal(masks.shared_positions(seg, branch), visible)
+
+
+@pytest.mark.parametrize("W", [None, 1, 2, 5, 12])
+def test_prefix_bounds_give_each_token_its_ranges(W):
+    # prefix_bounds' planes (kernels/masks.py) against the dense mask, position by position: a query sees
+    # exactly [a_lo, a_hi) and its branch's last W tokens; a key is seen by all of [j, c_hi) and by no query
+    # outside [j, q_end) (q_end - 1 sees it); without a window exactly by [j, kend); lpos is the position.
+    T = 48  # row 0 ends in 3 tokens of padding, row 1 in 12 (segments of their own, branch 0)
+    seg, branch = prefix_layout([(7, 5, 9), (2, 0, 3), (4, 6, 0), (3, 3, 3)], [(1, 30, 1), (0, 2, 2)], T=T)
+    mask = attn.attention_mask(T, W, seg, branch_ids=branch)[:, 0]
+    kend, own_lo, a_lo, a_hi, c_hi, q_end, lpos = masks.prefix_bounds(seg, branch, W).long()
+    start = torch.tensor([[(seg[b] == seg[b, i]).nonzero().min() for i in range(T)] for b in range(2)])
+    assert torch.equal(lpos - start, masks.shared_positions(seg, branch))
+    for b in range(2):
+        for i in range(T):
+            own = range(max(own_lo[b, i], i - W + 1 if W else 0), i + 1)
+            assert set(mask[b, i].nonzero().flatten().tolist()) == set(range(a_lo[b, i], a_hi[b, i])) | set(own)
+            queries = mask[b, :, i].nonzero().flatten().tolist()
+            assert set(range(i, c_hi[b, i])) <= set(queries) and (c_hi[b, i] == T or not mask[b, c_hi[b, i], i])
+            assert max(queries) == q_end[b, i] - 1
+            if W is None:
+                assert set(queries) == set(range(i, kend[b, i]))
+
+
+PREFIX_CASES = {
+    # name: (B, H, H_kv, T, D, dtype, sliding_window, pairs (prompt, chosen, rejected) per row). Tiles are 16
+    # wide in the interpreter: prompts and answers end inside tiles, on their edges and one past them.
+    "odd-lengths-gqa4-fp32": (2, 4, 1, 77, 32, torch.float32, None,
+                              [[(13, 17, 23), (3, 9, 5)], [(31, 1, 1), (7, 11, 19)]]),
+    "one-token-answers-bf16": (1, 4, 2, 57, 32, torch.bfloat16, None, [[(20, 1, 1), (1, 1, 1), (16, 1, 1), (5, 1, 2)]]),
+    "pair-longer-than-window-gqa2-fp32": (1, 4, 2, 96, 32, torch.float32, 9, [[(33, 30, 31)]]),
+    "window-many-pairs-gqa4-fp32": (2, 4, 1, 61, 32, torch.float32, 16,
+                                    [[(16, 16, 16), (4, 4, 5)], [(1, 20, 3), (9, 2, 25)]]),
+    "window-bf16-D64": (1, 2, 1, 71, 64, torch.bfloat16, 20, [[(21, 30, 17)]]),
+    "long-answers-interior-tiles-fp32": (1, 2, 2, 100, 32, torch.float32, None, [[(18, 40, 35)]]),
+}
+
+
+@pytest.mark.parametrize("name", list(PREFIX_CASES))
+def test_prefix_variant_matches_dense_mask_reference(name):
+    B, H, H_kv, T, D, dtype, W, rows = PREFIX_CASES[name]
+    seg, branch = prefix_layout(*rows, T=T)
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, H, H_kv, T, D, dtype, seed=5))
+    check_against_reference(q, k, v, sliding_window=W, segment_ids=seg, branch_ids=branch)
+
+
+@pytest.mark.parametrize("W", [None, 20])
+def test_prefix_variant_visits_only_tiles_holding_a_visible_pair(monkeypatch, W):
+    # Two key ranges per query tile (the prompt's, its own branch's) and two query ranges per key tile: with
+    # tile-aligned pairs no tile without a visible pair is computed (the chosen answer's tiles are skipped by
+    # the rejected answer's). Counted as tl.dot calls: 2 per tile in the forward, 4 in dk/dv and 3 in dq.
+    from triton.runtime import interpreter
+    seg, branch = prefix_layout([(16, 32, 48), (16, 16, 16)], T=144)
+    mask = attn.attention_mask(144, W, seg, branch_ids=branch)[0, 0]
+    tiles = int(mask.view(9, 16, 9, 16).any(-1).any(1).sum())  # (query tile, key tile) pairs with a visible pair
+    dots = []
+    dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, *a: dots.append(1) or dot(self, *a))
+    B, H = 1, 2
+    q, k, v = (x.requires_grad_() for x in random_qkv(B, H, 1, 144, 16, torch.float32))
+    o = attn.flash_attention(q, k, v, True, W, seg, None, branch)
+    assert len(dots) == 2 * tiles * B * H
+    o.sum().backward()
+    assert len(dots) == (2 + 4 + 3) * tiles * B * H
+
+
+def test_prefix_layout_and_arguments_are_checked():
+    q, k, v = random_qkv(1, 2, 2, 8, 16, torch.float32)
+    seg, branch = prefix_layout([(3, 2, 3)], T=8)
+    with pytest.raises(ValueError, match="need segment_ids and causal=True"):
+        attn.flash_attention(q, k, v, branch_ids=branch)
+    with pytest.raises(ValueError, match="need segment_ids and causal=True"):
+        attn.flash_attention(q, k, v, causal=False, segment_ids=seg, branch_ids=branch)
+    with pytest.raises(ValueError, match=r"branch_ids must be a \(B, T\)"):
+        attn.flash_attention(q, k, v, segment_ids=seg, branch_ids=branch[:, :5])
+    with pytest.raises(ValueError, match="position 5: branch 1 follows branch 2"):
+        attn.flash_attention(q, k, v, segment_ids=seg, branch_ids=torch.tensor([[0, 0, 0, 1, 2, 1, 2, 2]]))
+    with pytest.raises(ValueError, match="must be 0 \\(shared prefix\\), 1 or 2"):
+        attn.flash_attention(q, k, v, segment_ids=seg, branch_ids=branch + 1)
+    with pytest.raises(ValueError, match="occurs in more than one run"):
+        attn.flash_attention(q, k, v, segment_ids=torch.tensor([[0, 0, 1, 1, 0, 0, 0, 0]]), branch_ids=branch)
+
+
 def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
     # model.py's mask choice on the CUDA path (x only needs .is_cuda, .dtype, .shape and .device here).
     import types
@@ -254,6 +397,25 @@ def test_model_gives_right_padded_batches_the_plain_causal_kernel(monkeypatch):
     assert mask.segment_ids.tolist() == [[-1, -1, 0, 0, 0, 0], [0] * 6]
     mask = model.Mistral._mask(this, x, 6, right, packed, None)  # packed SFT keeps its segments
     assert mask.segment_ids.tolist() == [[0, 0, 1, 1, -1, -1], [0, 0, 0, 1, 1, 1]]
+
+
+def test_model_gives_prompt_shared_rows_the_prefix_kernel_in_16_bit_and_sdpa_otherwise(monkeypatch):
+    # model.py's mask choice with branch_ids (packed DPO): the Triton kernels on CUDA in bf16, the dense convention
+    # (SDPA) for fp32 on CUDA, flash_attention's two-calls-per-pair path on CPU.
+    import types
+    import model
+    monkeypatch.setattr(model, "_flash_attention", lambda: "flash")
+    this = types.SimpleNamespace(config=model.config_from_preset("tiny"))
+    seg, branch = prefix_layout([(2, 2, 2)], T=8)
+    for is_cuda, dtype, kind in ((True, torch.bfloat16, "flash"), (True, torch.float32, "dense"),
+                                 (False, torch.float32, "flash")):
+        x = types.SimpleNamespace(is_cuda=is_cuda, shape=(1, 8, 128), device=torch.device("cpu"), dtype=dtype)
+        mask = model.Mistral._mask(this, x, 8, None, seg, None, branch)
+        assert mask.kind == kind
+        if kind == "flash":
+            assert mask.branch_ids is branch and mask.segment_ids is seg
+        else:
+            assert torch.equal(mask.dense, attn.attention_mask(8, 256, seg, branch_ids=branch))
 
 
 @pytest.mark.parametrize("lengths", [None, [(10, 23), (33,)]])
@@ -357,11 +519,17 @@ def bounds_checked_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["window-and-segments-gqa4-fp32", "long-segment-interior-tiles-fp32",
-                                  "odd-T-many-short-gqa4-fp32", "T17-gqa4-window2", "non-causal-segments"])
+                                  "odd-T-many-short-gqa4-fp32", "T17-gqa4-window2", "non-causal-segments",
+                                  "prefix-window"])
 def test_kernels_touch_only_their_arguments_and_write_every_output(bounds_checked_interpreter, case):
     if case == "non-causal-segments":
         q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 33, 32, torch.float32))
         check_against_reference(q, k, v, causal=False, segment_ids=packed_segments((10, 23), (33,)))
+        return
+    if case == "prefix-window":  # the prefix table is (7, B, T): every plane's reads stay inside it
+        seg, branch = prefix_layout([(13, 17, 23), (3, 9, 5)], [(31, 1, 1), (7, 11, 19)], T=77)
+        q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 1, 77, 32, torch.float32))
+        check_against_reference(q, k, v, sliding_window=11, segment_ids=seg, branch_ids=branch)
         return
     B, H, H_kv, T, D, dtype, W, lengths = {**CASES, **SEGMENT_CASES}[case]
     q, k, v = (x.requires_grad_() for x in random_qkv(B, H, H_kv, T, D, dtype, seed=3))
@@ -379,6 +547,16 @@ def test_cpu_torch_path_matches_reference(monkeypatch, W, lengths):
     seg = packed_segments(*lengths) if lengths else None
     o = attn.flash_attention(q, k, v, sliding_window=W, segment_ids=seg)
     torch.testing.assert_close(o, attn.reference_attention(q, k, v, True, W, seg), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("W", [None, 7, 30])
+def test_cpu_prefix_path_matches_reference_with_gradients(monkeypatch, W):
+    # Segment by segment on CPU (kernels/masks.py, segmented_attention); W=30 is longer than the padding tail,
+    # W=7 shorter (the tail then takes the dense window mask).
+    monkeypatch.delenv("TRITON_INTERPRET")
+    seg, branch = prefix_layout([(5, 4, 7), (1, 1, 1)], [(9, 2, 13)], T=40)
+    q, k, v = (x.requires_grad_() for x in random_qkv(2, 4, 2, 40, 24, torch.float32))
+    check_against_reference(q, k, v, sliding_window=W, segment_ids=seg, branch_ids=branch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,3 +630,25 @@ def test_fp32_on_cuda_is_refused_naming_the_reason(monkeypatch):
     q, k, v = (x.cuda() for x in random_qkv(1, 4, 2, 64, 64, torch.float32))
     with pytest.raises(ValueError, match="float32 on CUDA is not on the Triton kernels' path"):
         compiled.flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # 16-bit: what training runs on the kernels
+@pytest.mark.parametrize("W", [None, 100, 4096])
+def test_compiled_prefix_variant_matches_reference_on_gpu(monkeypatch, dtype, W):
+    # DPO rows at training shapes: pairs of odd lengths, one longer than W=100, a padding tail; tolerance as above.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = _load_attention(interpret=False)
+    seg, branch = prefix_layout([(121, 288, 290), (7, 1, 1), (100, 17, 160)], [(1000, 3, 5)], T=1024)
+    seg, branch = seg.cuda(), branch.cuda()
+    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(2, 8, 2, 1024, 128, dtype))
+    o = compiled.flash_attention(q, k, v, sliding_window=W, segment_ids=seg, branch_ids=branch)
+    do = torch.randn_like(o)
+    o.backward(do)
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = attn.reference_attention(*ref_in, True, W, seg, None, branch)
+    ref.backward(do.float())
+    for name, got, want in (("out", o, ref), ("dq", q.grad, ref_in[0].grad),
+                            ("dk", k.grad, ref_in[1].grad), ("dv", v.grad, ref_in[2].grad)):
+        tol = want.abs().max().item() * (2.0 ** -6 if dtype == torch.bfloat16 else 1e-5)
+        err = (got.float() - want).abs().max().item()
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"

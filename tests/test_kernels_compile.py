@@ -1,11 +1,12 @@
 """The Triton kernels compiled for an H100 (sm_90) and an A100 (sm_80) on this CPU machine: every
 autotune config the kernels may pick on each device compiles, fits that device's shared memory, keeps
-every value in registers (zero spill bytes), and the attention kernels' segment path is
+every value in registers (zero spill bytes), and the attention kernels' segment and prefix paths are
 software-pipelined like plain causal.
 
 A subset of `python -m kernels.bench compile` (the full table: bf16 and fp16, every mask variant): both
-targets, bf16, head_dim 64 and 128, the plain causal variant and the heaviest segment variant
-(causal + window + segments), every kernel of kernels/. ~130 compiles of ~1 s each.
+targets, bf16, head_dim 64 and 128, the plain causal variant, the heaviest segment variant (causal + window +
+segments: packed SFT) and the heaviest prefix variant (causal + window + prefix: packed DPO pairs), every
+kernel of kernels/. ~175 compiles of ~1.3 s each.
 """
 
 import os
@@ -16,7 +17,7 @@ import torch
 from kernels import bench, logprobs
 
 SUBSET = dict(targets=("sm_90", "sm_80"), dtypes=("bf16",), head_dims=(64, 128),
-              variants=("causal", "causal+window+segments"))
+              variants=("causal", "causal+window+segments", "causal+window+prefix"))
 PIPELINED_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
 
 
@@ -61,13 +62,14 @@ def test_no_config_spills_registers(records):
     assert all(r["registers"] <= 255 for r in records if r["ok"])
 
 
-def test_segment_variant_is_pipelined_like_plain_causal(records):
-    # cp.async in the main loops: the segment path has no runtime branch around its loads.
+@pytest.mark.parametrize("variant", ["causal+window+segments", "causal+window+prefix"])
+def test_segment_and_prefix_variants_are_pipelined_like_plain_causal(records, variant):
+    # cp.async in the main loops: the segment and prefix paths have no runtime branch around their loads.
     by_key = {(r["kernel"], r["target"], r["head_dim"], r["variant"], str(r["config"])): r for r in records}
     not_pipelined = [_name(r) for r in records if r["kernel"] in PIPELINED_KERNELS and r["ok"]
                      and not r["pipelined"]]
     assert not not_pipelined, "\n".join(not_pipelined)
-    pairs = [k for k in by_key if k[0] in PIPELINED_KERNELS and k[3] == "causal+window+segments"]
+    pairs = [k for k in by_key if k[0] in PIPELINED_KERNELS and k[3] == variant]
     assert len(pairs) >= 24
     for kernel, target, hd, _, cfg in pairs:
         assert (kernel, target, hd, "causal", cfg) in by_key

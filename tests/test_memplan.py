@@ -136,12 +136,15 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_l
 
 
 @pytest.mark.parametrize("name,model,stage,ranks,ac", [
-    ("tiny", TINY, "sft", 1, False), ("tiny", TINY, "dpo", 2, False),
+    ("tiny", TINY, "sft", 1, False), ("tiny", TINY, "dpo", 2, False), ("tiny", TINY, "dpo-packed", 1, False),
     ("bench", BENCH, "sft", 2, True), ("bench", BENCH, "dpo", 1, False)])
 def test_plan_against_measured_cpu_peak(tmp_path, name, model, stage, ranks, ac):
     # Peak of live tensors in torch's CPU allocator (profiler memory events) over 2 optimizer steps of 2
-    # micro-steps each, from build to the end, per rank; micro batch 2 (pairs for DPO) x 512 tokens.
-    spec = dict(model=model, stage=stage, micro_batch_size=2 if stage == "dpo" else 4 if name == "tiny" else 2,
+    # micro-steps each, from build to the end, per rank; micro batch 2 (pairs for DPO; packed DPO: 2 rows of two
+    # pairs) x 512 tokens. Packed DPO on CPU plans one (T, T) mask per row; SDPA's masks are one per pair (~1.15).
+    packed = stage == "dpo-packed"
+    spec = dict(model=model, stage="dpo" if packed else stage, packing=packed,
+                micro_batch_size=2 if stage.startswith("dpo") else 4 if name == "tiny" else 2,
                 seq_len=512, activation_checkpointing=ac, accum=2)
     torchrun("tests/memplan_measure.py", [tmp_path / "m.json", json.dumps(spec)], nproc=ranks)
     r = json.loads((tmp_path / "m.json").read_text())
