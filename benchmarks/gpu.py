@@ -304,16 +304,21 @@ def tokenizer(work, vocab):
     return path
 
 
-def write_shards(directory, vocab, n, lengths, answer_from, seed=SEED):
+def write_shards(directory, vocab, n, lengths, answer_from, seed=SEED, pairs=False):
     # n examples per split (train; test gets 8), lengths uniform in `lengths`, loss mask from answer_from * length.
+    # pairs: examples 2i and 2i + 1 (chosen, rejected) share their prompt, as prepare.py writes them (packed DPO
+    # computes it once), the prompt answer_from of the shorter one.
     import numpy as np
     from data.shards import ShardWriter
     rng = np.random.default_rng(seed)
     for split, count in (("train", n), ("test", 8)):
         with ShardWriter(directory, split, vocab) as wr:
-            for _ in range(count):
-                L = int(rng.integers(*lengths))
-                wr.add(rng.integers(3, vocab, L), (np.arange(L) >= int(answer_from * L)).astype(np.uint8))
+            for _ in range(count // 2 if pairs else count):
+                Ls = [int(rng.integers(*lengths)) for _ in range(2 if pairs else 1)]
+                prompt = rng.integers(3, vocab, int(answer_from * min(Ls)))
+                for L in Ls:
+                    ids = np.concatenate([prompt, rng.integers(3, vocab, L - len(prompt))])
+                    wr.add(ids, (np.arange(L) >= len(prompt)).astype(np.uint8))
             wr.close({"source": "bench.py gpu: random tokens"})
 
 
@@ -393,17 +398,17 @@ def part_dpo_stage(rehearse, work):
     init = os.path.join(work, "dpo_init")
     random_hf_model(init, mcfg, device(rehearse))
     lo, hi = s["dpo_lengths"]
-    write_shards(os.path.join(work, "pairs"), mcfg.vocab_size, 2 * mb * (steps + 1), (lo, hi), 0.5)
+    write_shards(os.path.join(work, "pairs"), mcfg.vocab_size, 2 * mb * (steps + 1), (lo, hi), 0.5, pairs=True)
+    pack_length = -(-2 * hi // 128) * 128                   # packed rows (dpo.py's default layout): any pair fits
     args = [f"--init_from={init}", f"--tokenizer={tokenizer(work, mcfg.vocab_size)}", f"--data_dir={work}/pairs",
             f"--out_dir={work}/out_dpo", f"--micro_batch_size={mb}", f"--global_batch_size={mb}",
             f"--max_steps={steps + 1}", f"--stop_after={steps}", "--eval_every=0", "--ckpt_every=0",
-            "--warmup_ratio=0", "--overwrite=true"]
+            "--warmup_ratio=0", "--overwrite=true", f"--pack_length={pack_length}"]
     recs = run_stage("dpo", args, rehearse, work)
     shutil.rmtree(init, ignore_errors=True)
-    step_s = [mb / r["pairs_per_s"] for r in recs]                    # dpo.py logs pairs/s
-    # Examples of lengths uniform in [lo, hi): a micro-batch of mb pairs holds 2 mb (lo + hi) / 2 tokens on average,
-    # padding not counted; rows are padded to the longest, up to hi (the plan's length).
-    out = stage_figures("dpo", args, recs, step_s, mb * (lo + hi), mcfg, hi, rehearse)
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in recs]          # dpo.py logs real tokens and tokens/s
+    out = stage_figures("dpo", args, recs, step_s, statistics.median(r["tokens"] for r in recs), mcfg, pack_length,
+                        rehearse)
     out["pairs_per_s"] = mb / out["step_s"]
     return out
 

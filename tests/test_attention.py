@@ -632,6 +632,7 @@ def test_fp32_on_cuda_is_refused_naming_the_reason(monkeypatch):
         compiled.flash_attention(q, k, v)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16])  # 16-bit: what training runs on the kernels
 @pytest.mark.parametrize("W", [None, 100, 4096])
 def test_compiled_prefix_variant_matches_reference_on_gpu(monkeypatch, dtype, W):
