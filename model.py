@@ -211,7 +211,9 @@ class Attention(nn.Module):
         if mask.kind == "flash":
             y = mask.flash(q, k, v, causal=True, sliding_window=self.sliding_window, segment_ids=mask.segment_ids,
                            branch_ids=mask.branch_ids)
-        elif mask.blocks is not None:  # (B, n_heads, q1 - q0, hd) per block, along T
+        elif mask.blocks is not None and not torch.compiler.is_compiling():
+            # (B, n_heads, q1 - q0, hd) per block, along T. Not under torch.compile: the blocks' bounds change with
+            # the data, and each new set would be a new graph (or symbolic slices inductor miscompiles).
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1],
                                                           attn_mask=mask.dense[..., q0:q1, k0:q1], enable_gqa=gqa)
                            for q0, q1, k0 in mask.blocks], dim=2)
