@@ -181,13 +181,22 @@ def model_config(init_from, model_preset="tiny"):
     return MistralConfig.from_json(os.path.join(init_from, "config.json"))
 
 
+FSDP_UNITS = ("layer", "model")
+
+
 def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True, activation_checkpointing=False,
-                compile=False, reshard_after_forward=True, adapters=None):
+                compile=False, reshard_after_forward=True, adapters=None, fsdp_unit="layer"):
     """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
     Returns the FSDP2-sharded model and its MistralConfig. Parameters are fp32 masters; on CUDA with
     mixed_precision, compute runs in bf16 with fp32 gradient reductions. adapters: lora.Settings (or None):
     LoRA adapters beside the frozen base weights, which are then stored in bf16 on CUDA with mixed_precision.
-    With d.rehearse, the CPU makes CUDA's choices (check_rehearsal)."""
+    With d.rehearse, the CPU makes CUDA's choices (check_rehearsal). fsdp_unit: "layer" shards each decoder layer
+    as its own FSDP unit, then the root (torchtitan's way: one layer unsharded at a time); "model" makes the whole
+    model one unit: one all-gather and one reduce-scatter per micro-step instead of one per layer, the whole model
+    unsharded at once. For small models, where the collectives' latency outweighs their bytes (the tiny CPU run:
+    a step 14% faster on 2 gloo ranks), the same numbers either way."""
+    if fsdp_unit not in FSDP_UNITS:
+        raise ValueError(f"config: fsdp_unit={fsdp_unit!r}; choose {' or '.join(FSDP_UNITS)}")
     cfg = model_config(init_from, model_preset)
     if init_from == "scratch":
         # Small models only: every rank builds the full model with the same seed, then keeps its shard.
@@ -218,7 +227,8 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
             checkpoint_layer(layer)
         if compile:
             layer.compile()  # in place: parameter names stay HF's
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+        if fsdp_unit == "layer":
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     if init_from == "scratch":
         model.to(d.device)

@@ -70,6 +70,8 @@ class Config:
     mixed_precision: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
+    fsdp_unit: str = "layer"                      # "layer": each decoder layer an FSDP unit (one unsharded at a
+                                                  # time); "model": one unit, fewer collectives (small models)
     eval_every: int = 100
     eval_pairs: int = 1000
     ckpt_every: int = 200
@@ -429,7 +431,7 @@ def main(argv):
     memplan.at_start(common.model_config(cfg.init_from), cfg, d, "dpo", longest)
     model, mcfg = common.build_model(cfg.init_from, d, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                                      activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                     adapters=adapters)
+                                     adapters=adapters, fsdp_unit=cfg.fsdp_unit)
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")
@@ -437,7 +439,7 @@ def main(argv):
     average = cfg.loss_type == "ipo"
     ref_model, ref_train, ref_test = None, None, None
     if cfg.reference == "live":
-        ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision)
+        ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision, fsdp_unit=cfg.fsdp_unit)
         ref_model.requires_grad_(False)
         ref_model.eval()
     elif cfg.reference == "precomputed":

@@ -154,12 +154,17 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
                     c * V * D if head_trainable and c != 4 else 0)
 
     # --- FSDP's unsharded working set ---------------------------------------------------------------------
-    root = add("fsdp", "root group unsharded (embeddings, norm, LM head)", c * P_root)
-    n_layers = 2 if cuda else 1
-    layers = add("fsdp", f"decoder layers unsharded ({n_layers} at a time)", n_layers * c * (P_layer + P_ad_layer))
     P_grad = P_ad_layer if lora_on else P_layer
-    grads = add("fsdp", "one layer's unsharded gradients + reduce-scatter input (fp32)",
-                (c + 4 * n_layers) * P_grad)
+    if getattr(tcfg, "fsdp_unit", "layer") == "model":  # one unit: everything unsharded from forward to backward's end
+        root = add("fsdp", "whole model unsharded (fsdp_unit=model)", c * (P_root + L * (P_layer + P_ad_layer)))
+        layers = 0
+        grads = add("fsdp", "every layer's unsharded gradients + reduce-scatter input (fp32)", (c + 4) * L * P_grad)
+    else:
+        root = add("fsdp", "root group unsharded (embeddings, norm, LM head)", c * P_root)
+        n_layers = 2 if cuda else 1
+        layers = add("fsdp", f"decoder layers unsharded ({n_layers} at a time)", n_layers * c * (P_layer + P_ad_layer))
+        grads = add("fsdp", "one layer's unsharded gradients + reduce-scatter input (fp32)",
+                    (c + 4 * n_layers) * P_grad)
     ref_fwd = add("fsdp", "live reference: root + one layer unsharded during its forward",
                   c * (P_root + P_layer) if live_ref else 0)
 

@@ -46,6 +46,8 @@ class Config:
     mixed_precision: bool = True                  # bf16 compute, fp32 master weights and reductions (CUDA)
     activation_checkpointing: bool = False
     compile: bool = False
+    fsdp_unit: str = "layer"                      # "layer": each decoder layer an FSDP unit (one unsharded at a
+                                                  # time); "model": one unit, fewer collectives (small models)
     eval_every: int = 100
     eval_rows: int = 64
     ckpt_every: int = 200
@@ -197,7 +199,8 @@ def main(argv):
 
     memplan.at_start(common.model_config(cfg.init_from, cfg.model_preset), cfg, d, "sft")
     model, mcfg = common.build_model(cfg.init_from, d, cfg.model_preset, cfg.seed, cfg.mixed_precision,
-                                     cfg.activation_checkpointing, cfg.compile, adapters=adapters)
+                                     cfg.activation_checkpointing, cfg.compile, adapters=adapters,
+                                     fsdp_unit=cfg.fsdp_unit)
     if train.meta["vocab_size"] != mcfg.vocab_size:
         raise ValueError(f"{cfg.data_dir}: data was tokenized with a vocabulary of {train.meta['vocab_size']} "
                          f"but the model has vocab_size={mcfg.vocab_size}")

@@ -2,7 +2,7 @@
 # (profile_memory: every allocation and free of torch's CPU allocator), next to memplan.plan for the same run.
 #   python -m torch.distributed.run --nproc_per_node=N tests/memplan_measure.py OUT.json SPEC_JSON
 # SPEC: {"model": MistralConfig fields, "stage": "sft"|"dpo", "micro_batch_size", "seq_len",
-#        "activation_checkpointing", "accum", "packing" (DPO)}. Rows are full of targets (SFT: two packed segments;
+#        "activation_checkpointing", "accum", "packing" (DPO), "fsdp_unit"}. Rows are full of targets (SFT: two packed segments;
 # DPO: right padding, answer = second half; packed DPO: two pairs per row, prompt | chosen | rejected of
 # T/8 | 3T/16 | 3T/16, every answer token a target), as sft.py's and dpo.py's micro-steps run them. Rank 0 writes
 # the JSON.
@@ -26,7 +26,7 @@ def main(out, spec):
     packed = spec.get("packing", False)
     tcfg = types.SimpleNamespace(micro_batch_size=spec["micro_batch_size"], seq_len=spec["seq_len"],
                                  activation_checkpointing=spec["activation_checkpointing"], mixed_precision=False,
-                                 reference="precomputed", packing=packed)
+                                 reference="precomputed", packing=packed, fsdp_unit=spec.get("fsdp_unit", "layer"))
     dpo = spec["stage"] == "dpo"
     B, T = spec["micro_batch_size"] * (2 if dpo and not packed else 1), spec["seq_len"]
     g = torch.Generator().manual_seed(d.rank)
@@ -34,7 +34,7 @@ def main(out, spec):
         import model as M
         M.PRESETS["_measure"] = spec["model"]
         model, _ = common.build_model("scratch", d, "_measure", seed=0,
-                                      activation_checkpointing=tcfg.activation_checkpointing)
+                                      activation_checkpointing=tcfg.activation_checkpointing, fsdp_unit=tcfg.fsdp_unit)
         del M.PRESETS["_measure"]
         opt = common.make_optimizer(model, 1e-4)
         dist.barrier()

@@ -135,21 +135,22 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_l
             num_key_value_heads=2, sliding_window=256, max_position_embeddings=1024, dtype="float32")
 
 
-@pytest.mark.parametrize("name,model,stage,ranks,ac", [
-    ("tiny", TINY, "sft", 1, False), ("tiny", TINY, "dpo", 2, False), ("tiny", TINY, "dpo-packed", 1, False),
-    ("bench", BENCH, "sft", 2, True), ("bench", BENCH, "dpo", 1, False)])
-def test_plan_against_measured_cpu_peak(tmp_path, name, model, stage, ranks, ac):
+@pytest.mark.parametrize("name,model,stage,ranks,ac,unit", [
+    ("tiny", TINY, "sft", 1, False, "layer"), ("tiny", TINY, "sft", 2, False, "model"),
+    ("tiny", TINY, "dpo", 2, False, "layer"), ("tiny", TINY, "dpo-packed", 1, False, "layer"),
+    ("bench", BENCH, "sft", 2, True, "layer"), ("bench", BENCH, "dpo", 1, False, "layer")])
+def test_plan_against_measured_cpu_peak(tmp_path, name, model, stage, ranks, ac, unit):
     # Peak of live tensors in torch's CPU allocator (profiler memory events) over 2 optimizer steps of 2
     # micro-steps each, from build to the end, per rank; micro batch 2 (pairs for DPO; packed DPO: 2 rows of two
     # pairs) x 512 tokens. Packed DPO on CPU plans one (T, T) mask per row; SDPA's masks are one per pair (~1.15).
     packed = stage == "dpo-packed"
     spec = dict(model=model, stage="dpo" if packed else stage, packing=packed,
                 micro_batch_size=2 if stage.startswith("dpo") else 4 if name == "tiny" else 2,
-                seq_len=512, activation_checkpointing=ac, accum=2)
+                seq_len=512, activation_checkpointing=ac, accum=2, fsdp_unit=unit)
     torchrun("tests/memplan_measure.py", [tmp_path / "m.json", json.dumps(spec)], nproc=ranks)
     r = json.loads((tmp_path / "m.json").read_text())
     ratio = r["plan_peak"] / r["measured_peak"]
-    print(f"{name} {stage} {ranks} ranks ac={ac}: plan {r['plan_peak'] / 2**20:.1f} MiB, measured "
+    print(f"{name} {stage} {ranks} ranks ac={ac} fsdp_unit={unit}: plan {r['plan_peak'] / 2**20:.1f} MiB, measured "
           f"{r['measured_peak'] / 2**20:.1f} MiB, ratio {ratio:.3f}")
     assert 0.75 <= ratio <= 1.25
     # The persistent part is exact: parameters + gradients + AdamW moments were what the plan says before the

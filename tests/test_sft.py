@@ -80,9 +80,11 @@ def test_loss_falls_and_metrics_are_logged(one_rank):
     assert saved["global_batch_size"] == 8
 
 
-def test_two_ranks_match_one_rank(one_rank, data_dir, tiny_tokenizer, tmp_path):
-    # 2 ranks x 2 micro-steps x 2 rows = the same 8 rows per step, with gradient accumulation on each rank.
-    torchrun("sft.py", sft_args(data_dir, tmp_path, tiny_tokenizer), nproc=2)
+@pytest.mark.parametrize("unit", ["layer", "model"])
+def test_two_ranks_match_one_rank(one_rank, data_dir, tiny_tokenizer, tmp_path, unit):
+    # 2 ranks x 2 micro-steps x 2 rows = the same 8 rows per step, with gradient accumulation on each rank; each
+    # decoder layer its own FSDP unit (as one_rank), or the whole model one unit (fsdp_unit=model, the tiny run's).
+    torchrun("sft.py", sft_args(data_dir, tmp_path, tiny_tokenizer, fsdp_unit=unit), nproc=2)
     assert_same_run(one_rank, tmp_path)
 
 
