@@ -25,7 +25,7 @@ import typing
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import lora
@@ -184,6 +184,13 @@ def model_config(init_from, model_preset="tiny"):
 FSDP_UNITS = ("layer", "model")
 
 
+def reshard(model):
+    """Free every FSDP unit's unsharded parameters and register the shards again (FSDP2's reshard)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True, activation_checkpointing=False,
                 compile=False, reshard_after_forward=True, adapters=None, fsdp_unit="layer"):
     """init_from: a Hugging Face directory, or "scratch" (random init of `model_preset`).
@@ -230,7 +237,13 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
         if fsdp_unit == "layer":
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     # One unit stays unsharded from its forward to its backward: no second all-gather (the plan counts it so).
-    fully_shard(model, reshard_after_forward=reshard_after_forward and fsdp_unit == "layer", **kw)
+    root_reshards = reshard_after_forward and fsdp_unit == "layer"
+    fully_shard(model, reshard_after_forward=root_reshards, **kw)
+    if not root_reshards:
+        # A unit left unsharded after forward waits for its backward to reshard; a forward under no_grad
+        # (evaluation, the DPO reference's log-probs, generation) has none, and the unsharded parameters would
+        # stay registered on the module: the optimizer, made next, would hold them instead of the shards.
+        model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else reshard(m))
     if init_from == "scratch":
         model.to(d.device)
     else:

@@ -3,6 +3,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import re
 import sys
 
@@ -156,6 +157,16 @@ def test_precomputed_reference_equals_live_reference(setup, baseline, tmp_path):
 def test_two_ranks_match_one_rank(setup, baseline, tmp_path):
     torchrun("dpo.py", dpo_args(setup, tmp_path), nproc=2)
     assert_same_run(baseline, tmp_path)
+
+
+def test_one_fsdp_unit_computes_its_reference_then_trains_its_shards(setup, baseline, tmp_path):
+    # fsdp_unit=model leaves the unit unsharded after forward; the reference's log-probs (no_grad, no backward)
+    # then left full parameters registered and the optimizer took them ("data is not allocated" at its step).
+    # A fresh copy of the data: the reference is computed here, not read from the baseline's cache.
+    shutil.copytree(setup / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.ref_logps.*"))
+    torchrun("dpo.py", dpo_args(setup, tmp_path / "out", data_dir=tmp_path / "data", fsdp_unit="model"), nproc=2)
+    assert list((tmp_path / "data").glob("train.ref_logps.*.npy"))
+    assert_same_run(baseline, tmp_path / "out")
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted(setup, baseline, tmp_path):
