@@ -82,6 +82,8 @@ class Config:
     export_dtype: str = "bfloat16"
     device: str = "auto"
     rehearse_gpu: bool = False                   # TRITON_INTERPRET=1: CUDA's path (Triton kernels, bf16) on CPU
+    memplan: str = ""                            # "WORLD,GPU_GB[,MODEL]": print the memory plan for WORLD GPUs of
+                                                 # GPU_GB each and exit; MODEL: a model.py preset for init_from
     # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
@@ -391,6 +393,10 @@ def main(argv):
         dpo_loss(*torch.zeros(4, 1), cfg.beta, cfg.loss_type, cfg.label_smoothing)
     except ValueError as e:
         raise ValueError(f"config: {e}") from None
+    if cfg.memplan:  # on paper, without the data: rows of pack_length, else the longest pair prepare.py lets through
+        memplan.print_for(cfg.memplan, cfg, "dpo", (cfg.pack_length or 2048) if cfg.packing else 1024,
+                          lambda: common.model_config(cfg.init_from))
+        return
     d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     common.check_out_dir(cfg, d)
     torch.manual_seed(cfg.seed)

@@ -2,8 +2,8 @@
 number of ranks alone. sft.py and dpo.py print it before any weight is read, and on CUDA stop with the knob to
 turn when it does not fit, instead of failing after every rank has loaded 14 GB.
 
-    python memplan.py config/sft_public.json --model=mistral-7b [--world=8] [--gpu_gb=80]   # a plan, no weights
-    python memplan.py --lora_table                                           # Mistral-7B LoRA on one GPU
+    python sft.py config/sft_public.json --memplan=8,80,mistral-7b   # a plan for 8 GPUs of 80 GB, no weights
+    python memplan.py --lora_table                                   # Mistral-7B LoRA on one GPU
 
 What it counts (per rank; FSDP2 shards every parameter's dim 0 over the ranks, padded to a multiple of them):
   persistent   fp32 master parameters, fp32 gradients and AdamW's two fp32 moments, all sharded; with LoRA the
@@ -294,37 +294,39 @@ def lora_table(stage="sft", seq_len=2048, rank=16, micro_batches=(1, 2, 3, 4)):
     return out
 
 
-def main(argv):
-    """python memplan.py PRESET.json [--key=value ...] [--world=8] [--gpu_gb=80] [--model=mistral-7b] [--stage=sft|dpo]
-    --model: a model.py preset instead of init_from's config.json (to plan without the checkpoint at hand)."""
-    import common
-    import dpo
-    import sft
+def print_for(spec, tcfg, stage, seq_len, model_config):
+    """sft.py and dpo.py --memplan=WORLD,GPU_GB[,MODEL]: print the plan for WORLD GPUs of GPU_GB GB each, on paper
+    (no process group, data or weights), and return it. MODEL, a model.py preset, stands in for init_from's
+    config.json; model_config(): the stage's reading of init_from, called only without MODEL."""
+    parts = spec.split(",")
+    try:
+        world, gpu_gb = int(parts[0]), float(parts[1])
+        if len(parts) > 3 or world < 1 or gpu_gb <= 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"config: memplan={spec!r}: expected WORLD,GPU_GB[,MODEL], e.g. 8,80 or "
+                         f"8,80,mistral-7b") from None
     from model import config_from_preset
-    ours = ("--world=", "--gpu_gb=", "--model=", "--stage=", "--lora_table")
-    opts = {a.split("=")[0]: a.split("=", 1)[1] for a in argv if a.startswith(ours) and "=" in a}
-    if "--lora_table" in argv:
-        for stage in ("sft", "dpo"):
-            rows = "micro batch rows" if stage == "sft" else "micro batch pairs (2 rows each)"
-            print(f"\nMistral-7B {stage}, LoRA rank 16 on all 7 projections, bf16 base, seq 2048, checkpointing, 1 GPU; "
-                  f"{rows}:")
-            print("| micro batch | planned peak | " + " | ".join(f"{gb} GB" for gb in CARDS) + " |")
-            print("|---:|---:|" + ":---:|" * len(CARDS))
-            for mb, peak, ok in lora_table(stage):
-                print(f"| {mb} | {peak / GIB:.1f} GiB | " + " | ".join("fits" if ok[g] else "no" for g in CARDS) + " |")
-        return
-    rest = [a for a in argv if not a.startswith(ours)]
-    stage = opts.get("--stage") or ("dpo" if any("dpo" in a for a in rest) else "sft")
-    mod = {"sft": sft, "dpo": dpo}[stage]
-    tcfg = common.parse_config(mod.Config, rest)
-    mcfg = (config_from_preset(opts["--model"]) if "--model" in opts
-            else common.model_config(tcfg.init_from, getattr(tcfg, "model_preset", "tiny")))
-    seq = getattr(tcfg, "seq_len", None) or getattr(tcfg, "max_length", None) or 1024
-    if stage == "dpo" and tcfg.packing:  # without the data: the longest pair prepare.py lets through (1024 + 1024)
-        seq = tcfg.pack_length or 2048
-    p = plan(mcfg, tcfg, int(opts.get("--world", 8)), "cuda", stage, seq)
-    gb = float(opts.get("--gpu_gb", 80))
-    print(format_plan(p, CARDS.get(int(gb), gb) * GIB))
+    mcfg = config_from_preset(parts[2]) if len(parts) == 3 else model_config()
+    p = plan(mcfg, tcfg, world, "cuda", stage, seq_len)
+    print(format_plan(p, CARDS.get(int(gpu_gb), gpu_gb) * GIB))
+    return p
+
+
+def main(argv):
+    """python memplan.py --lora_table: Mistral-7B with LoRA on one GPU, per micro batch and card.
+    (A stage's plan: python sft.py PRESET.json --memplan=8,80[,mistral-7b]; the same for dpo.py.)"""
+    if argv != ["--lora_table"]:
+        sys.exit("usage: python memplan.py --lora_table\n"
+                 "a stage's plan: python sft.py PRESET.json --memplan=WORLD,GPU_GB[,MODEL] (the same for dpo.py)")
+    for stage in ("sft", "dpo"):
+        rows = "micro batch rows" if stage == "sft" else "micro batch pairs (2 rows each)"
+        print(f"\nMistral-7B {stage}, LoRA rank 16 on all 7 projections, bf16 base, seq 2048, checkpointing, 1 GPU; "
+              f"{rows}:")
+        print("| micro batch | planned peak | " + " | ".join(f"{gb} GB" for gb in CARDS) + " |")
+        print("|---:|---:|" + ":---:|" * len(CARDS))
+        for mb, peak, ok in lora_table(stage):
+            print(f"| {mb} | {peak / GIB:.1f} GiB | " + " | ".join("fits" if ok[g] else "no" for g in CARDS) + " |")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ class Config:
     export_dtype: str = "bfloat16"
     device: str = "auto"
     rehearse_gpu: bool = False                    # TRITON_INTERPRET=1: CUDA's path (Triton kernels, bf16) on CPU
+    memplan: str = ""                             # "WORLD,GPU_GB[,MODEL]": print the memory plan for WORLD GPUs of
+                                                  # GPU_GB each and exit; MODEL: a model.py preset for init_from
     # LoRA (lora.py): adapters of rank lora_rank beside frozen base weights; 0 = full fine-tuning.
     lora_rank: int = 0
     lora_alpha: float = 16.0                      # the adapter's output is scaled by lora_alpha / lora_rank
@@ -176,6 +178,10 @@ def evaluate(model, shards, rows, cfg, d):
 
 def main(argv):
     cfg = common.parse_config(Config, argv)
+    if cfg.memplan:  # on paper: no process group, data or weights
+        memplan.print_for(cfg.memplan, cfg, "sft", cfg.seq_len, lambda: common.model_config(cfg.init_from,
+                                                                                               cfg.model_preset))
+        return
     adapters = lora.settings(cfg)
     d = common.setup_dist(cfg.device, cfg.rehearse_gpu)
     common.check_out_dir(cfg, d)

@@ -2,11 +2,12 @@
 # live CPU tensors that torch's profiler measures during real training steps (tests/memplan_measure.py).
 import dataclasses
 import json
+import sys
 
 import pytest
 
 import memplan
-from conftest import torchrun
+from conftest import run, torchrun
 from model import config_from_preset
 
 GIB = 2**30
@@ -62,6 +63,21 @@ def test_mistral_7b_on_8_gpus_by_hand():
     no_ac = memplan.plan(config_from_preset("mistral-7b"), Train(activation_checkpointing=False), 8, "cuda", "sft")
     assert no_ac["peak"] - p["peak"] == 31 * inner * tok       # 31 more layers' insides, no recomputed one
     assert no_ac["peak"] / GIB == pytest.approx(71.04, abs=0.01)
+
+
+def test_stages_print_the_plan_of_their_preset_without_weights_and_exit():
+    # sft.py / dpo.py --memplan=WORLD,GPU_GB,MODEL: the plan of the preset as the stage reads it (sft_public: the
+    # 21.60 GiB computed by hand above), printed without a process group, data or weights.
+    out = run([sys.executable, "sft.py", "config/sft_public.json", "--memplan=8,80,mistral-7b"]).stdout
+    assert "planned peak 21.60 GiB (backward of the last layer)" in out and "of 79.1 GiB on the device" in out
+    out = run([sys.executable, "sft.py", "config/sft_public.json", "--memplan=4,80,mistral-7b",
+               "--activation_checkpointing=false"]).stdout
+    p = memplan.plan(config_from_preset("mistral-7b"), Train(activation_checkpointing=False), 4, "cuda", "sft")
+    assert f"planned peak {p['peak'] / GIB:.2f} GiB" in out
+    out = run([sys.executable, "dpo.py", "config/dpo_public.json", "--memplan=8,80,mistral-7b"]).stdout
+    assert "memory plan per rank (dpo, 8 ranks" in out and "planned peak" in out
+    bad = run([sys.executable, "sft.py", "--memplan=8"], check=False)
+    assert bad.returncode != 0 and "memplan='8': expected WORLD,GPU_GB[,MODEL]" in bad.stderr
 
 
 def test_dpo_live_reference_and_lora():

@@ -51,8 +51,9 @@ def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
     assert json.load(open(out / "sft" / "hf" / "train_config.json"))["init_from"] == str(out / "base" / "hf")
     base_info = json.load(open(out / "data" / "base" / "train.json"))
     assert base_info["n_loss_tokens"] == base_info["n_tokens"] > 0
-    assert {r["prompt_id"] for r in read_jsonl(out / "data" / "chosen_jsonl" / "train.jsonl")} == \
-        {r["prompt_id"] for r in read_jsonl(out / "data" / "pairs_jsonl" / "train.jsonl")}
+    for suffix in ("", "_onpolicy"):  # SFT on chosen trains on the chosen answers of exactly the pairs' prompts
+        assert {r["prompt_id"] for r in read_jsonl(out / "data" / f"sft_chosen{suffix}_jsonl" / "train.jsonl")} == \
+            {r["prompt_id"] for r in read_jsonl(out / "data" / f"pairs{suffix}_jsonl" / "train.jsonl")}
 
     summary = json.load(open(out / "summary.json"))
     tiny = summary["tiny"]  # run.sh tiny's own summary, kept inside the ablation's
