@@ -420,7 +420,7 @@ class Mistral(nn.Module):
             dense = dense_mask(q_idx, cache.slot_idx, cfg.sliding_window, k_ok=cache.slot_ok)
             return Mask("dense", dense=dense)
         # The Triton kernel takes power-of-two head dims up to 128 (Mistral: 128) in bf16 or fp16; other shapes,
-        # and fp32 (whose kernel configurations spill: README, "fp32 on CUDA"), use SDPA.
+        # and fp32 (whose kernel configurations spill: docs/training.md, "fp32 on CUDA"), use SDPA.
         on_kernels = (x.is_cuda or self.kernels_on_cpu) and x.dtype != torch.float32
         flash = _flash_attention() if on_kernels and cfg.head_dim in (16, 32, 64, 128) else None
         if flash is not None:

@@ -44,7 +44,7 @@ tiny() {
     dpo_extra=(--max_steps=2 --global_batch_size=4 --micro_batch_size=2 --eval_every=2)
     ev_extra=(--max_new_tokens=24)
   fi
-  # LORA=R: dSFT and dDPO through rank-R adapters on frozen weights (lora.py; README "LoRA (one GPU)").
+  # LORA=R: dSFT and dDPO through rank-R adapters on frozen weights (lora.py; docs/lora.md).
   # LORA_SFT_ARGS / LORA_DPO_ARGS add flags to one stage, e.g. LORA_SFT_ARGS="--lr=1e-2 --lora_alpha=32".
   if [ "${LORA:-0}" != 0 ]; then
     sft_extra+=(--lora_rank="$LORA" ${LORA_SFT_ARGS:-})
@@ -102,7 +102,7 @@ stage() {
   printf '%s\t%s\n' "$name" "$(date +%s.%N)" >> "$stages"
 }
 
-# The paper's AI-feedback pool (config/feedback_tiny.json, README "The tiny AIF pool"): three function members
+# The paper's AI-feedback pool (config/feedback_tiny.json, docs/tiny.md "The AI-feedback pool"): three function members
 # (data/tiny/pool.py) and two local models, none of them the dSFT model being aligned. Needs tiny's locals.
 pool() {
   echo "data.tiny.pool:teacher|name=teacher;data.tiny.pool:expert|name=expert;data.tiny.pool:sloppy|name=sloppy;$out/base/hf|name=base;$out/sft/hf_step_$early|name=dsft-step$early"

@@ -640,7 +640,7 @@ def flash_attention(q, k, v, causal=True, sliding_window=None, segment_ids=None,
 
     if D < 16 or D > 128 or D & (D - 1):  # the kernels tile D whole; the SDPA path above takes any D
         raise ValueError(f"head dim D must be a power of two in 16..128 for the Triton kernels; got D={D}")
-    if q.is_cuda and q.dtype == torch.float32:  # every tuned config spills in fp32 (README, "fp32 on CUDA")
+    if q.is_cuda and q.dtype == torch.float32:  # every tuned config spills in fp32 (docs/training.md, "fp32 on CUDA")
         raise ValueError("q, k, v: float32 on CUDA is not on the Triton kernels' path (their configurations spill "
                          "registers in fp32 on sm_90 and sm_80); pass bf16 or fp16, or use SDPA (model.py does)")
     if interpret and not _INTERPRETED:

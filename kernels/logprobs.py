@@ -303,7 +303,7 @@ def _interpreting():
 
 def _uses_triton(device, dtype):
     # fp32 on CUDA takes the torch path: the kernels' configurations spill in fp32 on sm_90 and sm_80
-    # (README, "fp32 on CUDA"), and fp32 is the accuracy path, where torch.mm's fp32 GEMMs do.
+    # (docs/training.md, "fp32 on CUDA"), and fp32 is the accuracy path, where torch.mm's fp32 GEMMs do.
     return (device.type == "cuda" and dtype != torch.float32) or _interpreting()
 
 

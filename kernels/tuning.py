@@ -11,7 +11,7 @@ them over a warpgroup, hence smaller tiles there.
 
 fp32 is not on the kernels' path on CUDA: compiled with these lists for sm_90 and sm_80 (ieee fp32 dots), 84 of
 the 94 configurations that fit spilled registers (up to 213 KB), so fp32 models run SDPA and the torch log-prob
-path there (README, "fp32 on CUDA").
+path there (docs/training.md, "fp32 on CUDA").
 """
 
 import torch

@@ -1,5 +1,5 @@
 """
-The function members of the tiny AI-feedback pool (run.sh tiny; README "The tiny AIF pool").
+The function members of the tiny AI-feedback pool (run.sh tiny; docs/tiny.md "The AI-feedback pool").
 
 UltraFeedback had each prompt answered by 4 models drawn from a pool of 17 of mixed quality (GPT-4, GPT-3.5,
 LLaMA-2, Falcon, ...), none of them the student Zephyr then aligned. The tiny pool plays that: two local
