@@ -13,6 +13,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests/run.sh runs 2 pytest-xdist workers on CI's 2 cores: one thread each (torch reads this when imported,
+    # after this file); OpenMP threads beyond the cores spin and slow every process that shares them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# The longest files first, so that under xdist (tests/run.sh: --dist loadfile --no-loadscope-reorder) none of
+# them starts last and runs alone.
+LONGEST_FIRST = ("test_pipeline.py", "test_kernels_compile.py", "test_rehearsal.py", "test_memplan.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(os.path.basename(str(item.path)), len(first)))
+
 
 def free_port():
     with socket.socket() as s:

@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt -r requirements-test.txt
 python3 -m pip install -q --no-deps mistral-common==1.13.1   # ships the real Mistral v1 tokenizer.model
-python3 -m pytest "${@:-tests}"
+# 2 pytest-xdist workers (one thread each, tests/conftest.py), whole files per worker so that module fixtures run
+# once, the longest files first in conftest's order (--no-loadscope-reorder keeps it); PYTEST_WORKERS=0: serial.
+python3 -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "${@:-tests}"
