@@ -449,8 +449,9 @@ def check_out_dir(cfg, d):
         return
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     old = sorted(os.path.join(ckpt_dir, n) for n in os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
-    exports = sorted(glob.glob(os.path.join(cfg.out_dir, "hf")) + glob.glob(os.path.join(cfg.out_dir, "hf_step_*")))
-    old += exports  # the final export and sft.py's intermediate ones (export_every)
+    hf_dir = os.path.join(cfg.out_dir, "hf")  # the final export, and sft.py's intermediate ones (export_every)
+    exports = ([hf_dir] if os.path.exists(hf_dir) else []) + sorted(glob.glob(os.path.join(cfg.out_dir, "hf_step_*")))
+    old += exports
     if not old:
         return
     if not cfg.overwrite:

@@ -299,7 +299,8 @@ def cached_reference(model, shards, split, cfg, d, average, packing=None):
         model_files = [os.path.join(cfg.init_from, f) for f in os.listdir(cfg.init_from)
                        if f.endswith(".safetensors") or f == "config.json"]
         data_files = [os.path.join(cfg.data_dir, f"{split}.{s}") for s in ("ids.bin", "mask.bin", "idx.npy")]
-        tag = f"{average}-{cfg.mixed_precision and d.gpu_path}{'-packed' if packing else ''}".encode()   # bf16 log-probs on the GPU path
+        # bf16 log-probs on the GPU path (CUDA, or its rehearsal) differ from fp32 ones: keyed by the path.
+        tag = f"{average}-{cfg.mixed_precision and d.gpu_path}{'-packed' if packing else ''}".encode()
         key = hashlib.sha256(file_sha256(model_files).encode() + file_sha256(data_files).encode() + tag).hexdigest()
     key = common.broadcast_object(key, d)
     path = os.path.join(cfg.data_dir, f"{split}.ref_logps.{key[:16]}.npy")
@@ -445,7 +446,8 @@ def main(argv):
     average = cfg.loss_type == "ipo"
     ref_model, ref_train, ref_test = None, None, None
     if cfg.reference == "live":
-        ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision, fsdp_unit=cfg.fsdp_unit)
+        ref_model, _ = common.build_model(cfg.init_from, d, mixed_precision=cfg.mixed_precision,
+                                          fsdp_unit=cfg.fsdp_unit)
         ref_model.requires_grad_(False)
         ref_model.eval()
     elif cfg.reference == "precomputed":

@@ -155,7 +155,8 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
 
     # --- FSDP's unsharded working set ---------------------------------------------------------------------
     P_grad = P_ad_layer if lora_on else P_layer
-    if getattr(tcfg, "fsdp_unit", "layer") == "model":  # one unit: everything unsharded from forward to backward's end
+    one_unit = getattr(tcfg, "fsdp_unit", "layer") == "model"
+    if one_unit:  # one unit: everything unsharded from forward to backward's end
         root = add("fsdp", "whole model unsharded (fsdp_unit=model)", c * (P_root + L * (P_layer + P_ad_layer)))
         layers = 0
         grads = add("fsdp", "every layer's unsharded gradients + reduce-scatter input (fp32)", (c + 4) * L * P_grad)
@@ -165,8 +166,9 @@ def plan(mcfg, tcfg, world, device="cuda", stage="sft", seq_len=None):
         layers = add("fsdp", f"decoder layers unsharded ({n_layers} at a time)", n_layers * c * (P_layer + P_ad_layer))
         grads = add("fsdp", "one layer's unsharded gradients + reduce-scatter input (fp32)",
                     (c + 4 * n_layers) * P_grad)
-    ref_fwd = add("fsdp", "live reference: root + one layer unsharded during its forward",
-                  c * (P_root + P_layer) if live_ref else 0)
+    # The live reference is built with the same unit: with one, all of it is unsharded during its forward.
+    ref_fwd = add("fsdp", "live reference: " + ("whole model" if one_unit else "root + one layer")
+                  + " unsharded during its forward", c * (P_root + (L if one_unit else 1) * P_layer) if live_ref else 0)
 
     # --- moments ------------------------------------------------------------------------------------------
     acts = L * saved_layer * tok + rope + mask

@@ -262,7 +262,8 @@ def main(argv):
             metrics["eval_loss"] = evaluate(model, test, eval_rows, cfg, d)
         log.log(step, **metrics)
         if cfg.export_every > 0 and step % cfg.export_every == 0 and step < total_steps:
-            common.export_hf(model, mcfg, f"{cfg.out_dir}/hf_step_{step}", d, tokenizer, getattr(torch, cfg.export_dtype))
+            common.export_hf(model, mcfg, f"{cfg.out_dir}/hf_step_{step}", d, tokenizer,
+                             getattr(torch, cfg.export_dtype))
         last_ckpt, stop = common.end_of_step(cfg, step, total_steps, model, optimizer, d, log, last_ckpt)
         if stop:
             return

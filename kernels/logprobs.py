@@ -391,9 +391,9 @@ def _triton_matmul(a, b, dtype, out=None):
     dot_dtype, precision = _dot_args(dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
     mm[accumulate][grid](a, b, out, M, N, K, *_mm_key(M, N, K),
-             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-             ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, PRECISION=precision,
-             **(_INTERPRET_BLOCKS["mm"] if interpret else {}))
+                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                         ACCUMULATE=accumulate, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                         **(_INTERPRET_BLOCKS["mm"] if interpret else {}))
     return out
 
 

@@ -22,6 +22,11 @@ class Train:  # the fields memplan reads from sft.py's / dpo.py's Config
     reference: str = "precomputed"
 
 
+@dataclasses.dataclass
+class OneUnit(Train):
+    fsdp_unit: str = "model"
+
+
 def test_mistral_7b_on_8_gpus_by_hand():
     # config/sft_public.json: micro batch 4 x 2048, checkpointing, bf16 compute, 8 ranks.
     p = memplan.plan(config_from_preset("mistral-7b"), Train(), 8, "cuda", "sft")
@@ -86,6 +91,12 @@ def test_dpo_live_reference_and_lora():
     live = memplan.plan(mcfg, Train(seq_len=1024, reference="live"), 8, "cuda", "dpo")
     n = mcfg.num_params()
     assert live["persistent"] - pre["persistent"] == 4 * n // 8   # a second, sharded fp32 copy
+    # Built with the policy's fsdp_unit: one unit unshards the whole reference (bf16) during its forward.
+    one = memplan.plan(mcfg, OneUnit(seq_len=1024, reference="live"), 8, "cuda", "dpo")
+    ref_items = {name: b for _, name, b in one["items"]}
+    assert ref_items["live reference: whole model unsharded during its forward"] == 2 * n
+    assert {name: b for _, name, b in live["items"]}["live reference: root + one layer unsharded during its forward"] \
+        == 2 * (2 * 32000 * 4096 + 4096 + 218_112_000)
     # LoRA rank 16 on all seven projections, one GPU: a frozen bf16 base and 16 bytes per adapter parameter.
     lora = memplan.plan(mcfg, LoRA(micro_batch_size=1), 1, "cuda", "sft")
     adapters = 32 * 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2 + 3 * (4096 + 14336))
