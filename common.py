@@ -153,8 +153,10 @@ def setup_dist(device="auto", rehearse_gpu=False):
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-        # Two ranks on two cores: one thread each, or they fight over the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        # Two ranks on two cores: one thread each, or they fight over the cores. An OMP_NUM_THREADS that is set
+        # (torch read it on import; torchrun sets 1 for several ranks; run.sh sets cores / ranks) is kept.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:

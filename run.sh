@@ -26,8 +26,8 @@ tiny() {
   local seed="${SEED:-0}" nproc="${NPROC:-2}" out="${OUT:-out/tiny}" aif="${AIF:-paper}"
   local tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
   case "$aif" in paper|on-policy) ;; *) echo "AIF=$aif: choose paper (the default) or on-policy" >&2; exit 2 ;; esac
-  # Ranks share the cores: one thread each.
-  export OMP_NUM_THREADS=$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))
+  # Ranks share the cores: one thread each (an OMP_NUM_THREADS you set is kept).
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
   mkdir -p "$out"
   stages="$out/stages.tsv"
   : > "$stages"

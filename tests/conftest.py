@@ -34,10 +34,63 @@ def free_port():
         return s.getsockname()[1]
 
 
+# The stage scripts that run() starts through the fork server (tests/zygote.py) rather than a fresh interpreter.
+FORKED = {"sft.py", "dpo.py", "eval.py", "feedback.py", "data/ultrachat/generate.py"}
+
+
+class Zygote:
+    """Fork servers of this test process (tests/zygote.py), started on first use: each `python STAGE.py ARGS`
+    becomes a child forked from a process that has already imported torch, FSDP2 and dynamo. One server per
+    value of TRITON_INTERPRET: dynamo imports triton, which decides on import whether it interprets."""
+
+    procs = {}
+
+    @classmethod
+    def run(cls, cmd, env, timeout):
+        import tempfile
+        key = env.get("TRITON_INTERPRET")
+        proc = cls.procs.get(key)
+        if proc is None or proc.poll() is not None:
+            e = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            e.pop("TRITON_INTERPRET", None)
+            e.update({} if key is None else {"TRITON_INTERPRET": key})
+            proc = cls.procs[key] = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")],
+                                                     cwd=ROOT, env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     text=True, bufsize=1)
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            proc.stdin.write(json.dumps({"argv": [str(c) for c in cmd[1:]], "env": env, "cwd": ROOT,
+                                         "stdout": out, "stderr": err}) + "\n")
+            proc.stdin.flush()
+            pid = json.loads(proc.stdout.readline())["pid"]
+            killed = []
+
+            def kill():
+                killed.append(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            rc = json.loads(proc.stdout.readline())["rc"]  # the server reaps the child, so pid stays valid
+            timer.cancel()
+            stdout, stderr = (open(path, encoding="utf-8", errors="replace").read() for path in (out, err))
+        if killed and rc == -signal.SIGKILL:
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+
 def run(cmd, timeout=300, env=None, check=True):
-    """Run a command from the repo root; on failure show its output (the assertion message is the log)."""
+    """Run a command from the repo root; on failure show its output (the assertion message is the log). The stage
+    scripts (FORKED) run in a child of the fork server: the same process, argv, environment and output, without
+    paying torch's imports again."""
     e = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
-    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if cmd[0] == sys.executable and len(cmd) > 1 and str(cmd[1]) in FORKED and hasattr(os, "fork"):
+        p = Zygote.run(cmd, e, timeout)
+    else:
+        p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check:
         assert p.returncode == 0, f"{' '.join(map(str, cmd))} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
     return p

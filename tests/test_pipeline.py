@@ -1,6 +1,8 @@
 # run.sh tiny-ablation, shortened (QUICK=1): run.sh tiny (base, dSFT, AI feedback, dDPO, evaluation), then the
-# ablation's other rows; every stage runs under torchrun with 2 ranks and writes what the next stage and the user
-# read. The numbers of a seconds-long run mean nothing; the files and schemas do.
+# ablation's other rows; every stage runs under run.sh's torchrun and writes what the next stage and the user read.
+# One rank (NPROC=1, one thread): the 26 launches' second rank would cost ~55 CPU-s of CI's 2 cores, and each
+# stage's own tests check that 2 ranks give the 1-rank result. The numbers of a seconds-long run mean nothing; the
+# files and schemas do.
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ POOL = {"teacher", "expert", "sloppy", "base", "dsft-step15"}  # QUICK's dSFT ru
 
 def test_quick_tiny_ablation_writes_every_stage_output(tmp_path):
     out = tmp_path / "tiny"
-    env = {**os.environ, "QUICK": "1", "OUT": str(out), "SEED": "1"}
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "SEED": "1", "NPROC": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(["bash", "run.sh", "tiny-ablation"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
