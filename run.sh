@@ -24,7 +24,9 @@ run() { echo "+ $*"; "$@"; }
 
 tiny() {
   local seed="${SEED:-0}" nproc="${NPROC:-2}" out="${OUT:-out/tiny}" aif="${AIF:-paper}"
-  local tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  # NPROC=1: plain python (common.setup_dist makes a one-rank group) without torchrun's launcher, ~1.2 CPU-s a stage.
+  local tr=(python)
+  [ "$nproc" = 1 ] || tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
   case "$aif" in paper|on-policy) ;; *) echo "AIF=$aif: choose paper (the default) or on-policy" >&2; exit 2 ;; esac
   # Ranks share the cores: one thread each (an OMP_NUM_THREADS you set is kept).
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
@@ -158,7 +160,8 @@ tiny_ablation() {
   fi
   tiny
   local seed="${SEED:-0}" nproc="${NPROC:-2}" out="$OUT"
-  local tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  local tr=(python)
+  [ "$nproc" = 1 ] || tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
   local fb_extra=() onpolicy_extra=() dpo_extra=() ev_extra=() chosen_extra=()
   if [ "${QUICK:-0}" = 1 ]; then
     fb_extra=(--max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)
