@@ -12,8 +12,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import lora
 from files import fsync_dir, write_json
@@ -39,6 +37,10 @@ def _set_rng_state(s):
 
 
 def save_train_checkpoint(ckpt_dir, step, model, optimizer, d, state, config, keep_last=2):
+    # DCP (and the DTensor it imports, 0.5 s) only here and in load_train_checkpoint: the generation stages
+    # (eval, feedback, generate, chat) import this module through common and never checkpoint.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
     if d.main:
@@ -103,6 +105,8 @@ def list_checkpoints(ckpt_dir):
 def load_train_checkpoint(path, model, optimizer, d):
     """Restore model, optimizer and this rank's train state (data position, RNG). Works for another world
     size too (DCP reshards), except the RNG state, which then comes from rank 0's file."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     options = lora.checkpoint_options(model)  # with LoRA: the adapters (the frozen base came from init_from)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}

@@ -25,9 +25,9 @@ import typing
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
+# FSDP2 and DTensor (0.5 s of imports) are imported in the functions that shard: the generation stages (eval,
+# feedback, generate, chat) import this module and never shard.
 import lora
 from checkpoints import list_checkpoints, load_train_checkpoint, save_train_checkpoint
 from files import atomic_open, write_json
@@ -188,6 +188,7 @@ FSDP_UNITS = ("layer", "model")
 
 def reshard(model):
     """Free every FSDP unit's unsharded parameters and register the shards again (FSDP2's reshard)."""
+    from torch.distributed.fsdp import FSDPModule
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
@@ -222,6 +223,7 @@ def build_model(init_from, d, model_preset="tiny", seed=0, mixed_precision=True,
         lora.apply(model, adapters)  # before sharding: FSDP shards frozen and adapter parameters together
         if mixed_precision and d.gpu_path:
             lora.freeze_base_dtype(model, torch.bfloat16)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = None
     if mixed_precision and d.gpu_path:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -274,6 +276,7 @@ def checkpoint_layer(layer):
 def load_sharded(model, reader):
     # Each rank reads only its rows of each tensor from the (memory-mapped) safetensors files:
     # no rank ever holds the full weights.
+    from torch.distributed.tensor import DTensor
     for name, p in model.named_parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         if local.numel() == 0 or lora.is_adapter(name):  # adapters: lora.init_adapters
@@ -287,6 +290,7 @@ def export_hf(model, cfg, path, d, tokenizer=None, dtype=torch.bfloat16, adapter
     rank 0 is one shard file (5 GB at most), never the whole model. A LoRA model is exported as the plain
     model, its adapters merged into the weights (merge=False: the base weights), the adapter tensors collected
     into the dict `adapter` (PEFT names, see lora.merged)."""
+    from torch.distributed.tensor import DTensor
     names = [n for n in model.state_dict() if not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     sd = model.state_dict()
 
@@ -481,6 +485,7 @@ def announce(cfg, d, lines):
 
 def optimizer_step(model, optimizer, grad_clip, step, loss, last_ckpt):
     """Clip, check, step. A non-finite loss or gradient stops the run before it can poison the weights."""
+    from torch.distributed.tensor import DTensor
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):

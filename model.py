@@ -252,7 +252,13 @@ class MistralModel(nn.Module):
     # The `model.` prefix of HF names: embeddings, layers, final norm.
     def __init__(self, cfg):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # nn.Embedding's own init on the meta device runs normal_'s Python decomposition, whose first call imports
+        # torch._dynamo (0.5-0.9 s in a process that only generates) for values that are overwritten: the weight
+        # is made here, and off the meta device drawn as nn.Embedding draws it.
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)  # (vocab, hidden), on the ambient device
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
