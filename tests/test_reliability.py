@@ -45,7 +45,7 @@ from test_sft import assert_same_run, sft_args, write_random_shards
 # export   after the first safetensors file of the final export is written
 HOOK = r'''
 import os, runpy, sys, time
-import checkpoints, common, model, weights
+import common, model, weights
 kind, _, k = os.environ["HANG_AT"].partition(":")
 
 def hang():
@@ -60,12 +60,13 @@ if kind == "step":
         return real_step(m, opt, clip, step, *a)
     common.optimizer_step = optimizer_step
 elif kind == "ckpt":
-    real_save = checkpoints.dcp.save
+    import torch.distributed.checkpoint as dcp  # checkpoints.py imports it when it saves: patched at the source
+    real_save = dcp.save
     def save(state, checkpoint_id):
         real_save(state, checkpoint_id=checkpoint_id)
         if checkpoint_id.endswith(f"step_{int(k):07d}.tmp"):
             hang()
-    checkpoints.dcp.save = save
+    dcp.save = save
 else:
     real_file = weights.save_file
     def save_file(*a, **kw):
@@ -90,7 +91,8 @@ def killed(script, args, hang_at, tmp_path):
         deadline = time.time() + 240
         while not flag.exists():
             if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
                 pytest.fail(f"{script} never reached {hang_at}:\n{log.read_text()[-4000:]}")
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
