@@ -22,11 +22,17 @@ start=$(date +%s)
 say() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
 run() { echo "+ $*"; "$@"; }
 
+# The stage launcher for $1 ranks, into the caller's array tr: torchrun, or for one rank plain python
+# (common.setup_dist makes a one-rank group) without torchrun's launcher, which costs ~1.5 CPU-s a stage.
+launcher() {
+  tr=(python)
+  [ "$1" = 1 ] || tr=(python -m torch.distributed.run --standalone --nproc_per_node="$1")
+}
+
 tiny() {
   local seed="${SEED:-0}" nproc="${NPROC:-2}" out="${OUT:-out/tiny}" aif="${AIF:-paper}"
-  # NPROC=1: plain python (common.setup_dist makes a one-rank group) without torchrun's launcher, ~1.2 CPU-s a stage.
-  local tr=(python)
-  [ "$nproc" = 1 ] || tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  local tr
+  launcher "$nproc"
   case "$aif" in paper|on-policy) ;; *) echo "AIF=$aif: choose paper (the default) or on-policy" >&2; exit 2 ;; esac
   # Ranks share the cores: one thread each (an OMP_NUM_THREADS you set is kept).
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
@@ -160,8 +166,8 @@ tiny_ablation() {
   fi
   tiny
   local seed="${SEED:-0}" nproc="${NPROC:-2}" out="$OUT"
-  local tr=(python)
-  [ "$nproc" = 1 ] || tr=(python -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+  local tr
+  launcher "$nproc"
   local fb_extra=() onpolicy_extra=() dpo_extra=() ev_extra=() chosen_extra=()
   if [ "${QUICK:-0}" = 1 ]; then
     fb_extra=(--max_new_tokens=24 --judge=data.tiny.tasks:graded_judge)

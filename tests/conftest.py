@@ -51,9 +51,10 @@ class Zygote:
         key = env.get("TRITON_INTERPRET")
         proc = cls.procs.get(key)
         if proc is None or proc.poll() is not None:
-            e = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-            e.pop("TRITON_INTERPRET", None)
-            e.update({} if key is None else {"TRITON_INTERPRET": key})
+            e = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            e.setdefault("OMP_NUM_THREADS", "1")
+            if key is not None:
+                e["TRITON_INTERPRET"] = key
             proc = cls.procs[key] = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py")],
                                                      cwd=ROOT, env=e, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                      text=True, bufsize=1)

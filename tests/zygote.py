@@ -38,15 +38,17 @@ def child(req, proto_in, proto_out):
     script = os.path.abspath(req["argv"][0])
     extra = [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [os.path.dirname(script), *extra, *BASE_PATH]
-    sys.argv = [req["argv"][0], *req["argv"][1:]]
+    sys.argv = list(req["argv"])
     code = 0
     try:
         import runpy
         runpy.run_path(script, run_name="__main__")
     except SystemExit as e:  # as the interpreter does: None -> 0, an int as is, anything else printed -> 1
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if not isinstance(e.code, int) and e.code is not None:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            code = 1
     except BaseException:
         sys.excepthook(*sys.exc_info())
         code = 1
